@@ -1,0 +1,97 @@
+"""Command line: argument parsing only; one function call per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from matxfer.config import UserError
+
+# CLI flag -> dotted config path; every override goes through the same pydantic model.
+TRAIN_FLAGS = {
+    "task": ("data.task", str), "fold": ("data.fold", int),
+    "max_structures": ("data.max_structures", int), "val_fraction": ("data.val_fraction", float),
+    "data_dir": ("data.data_dir", str), "cache_dir": ("data.cache_dir", str),
+    "model": ("model.source", str), "init": ("model.init", str),
+    "pooling": ("model.pooling", str), "dtype": ("model.dtype", str),
+    "target_transform": ("model.target_transform", str),
+    "l2sp": ("regularizers.l2sp", float), "bss": ("regularizers.bss", float),
+    "bss_k": ("regularizers.bss_k", int),
+    "epochs": ("train.epochs", int), "batch_size": ("train.batch_size", int),
+    "lr": ("train.lr", float), "backbone_lr": ("train.backbone_lr", float),
+    "patience": ("train.patience", int), "seed": ("train.seed", int),
+    "threads": ("train.threads", int), "device": ("train.device", str),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="matxfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="fine-tune one task and fold")
+    train.add_argument("--config", help="YAML run config (see tune_configs/)")
+    for flag, (_, kind) in TRAIN_FLAGS.items():
+        train.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    train.add_argument("--out", required=True, help="output folder")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+
+    data = sub.add_parser("data", help="inspect Matbench tasks")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    folds = data_sub.add_parser("folds", help="official fold sizes (or ids with --json)")
+    folds.add_argument("--task", required=True)
+    folds.add_argument("--fold", type=int)
+    folds.add_argument("--json", action="store_true", help="print the fold ids as JSON")
+    data_sub.add_parser("tasks", help="list the Matbench structure tasks")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from matxfer.config import load_config
+    from matxfer.run import run_finetune
+
+    overrides = {path: getattr(args, flag) for flag, (path, _) in TRAIN_FLAGS.items()}
+    cfg = load_config(args.config, overrides)
+    record = run_finetune(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from matxfer.data import N_FOLDS, TASKS, get_task, official_fold
+
+    if args.data_command == "tasks":
+        for t in TASKS.values():
+            print(f"{t.name:24s} {t.kind:14s} {t.size:7d}  {t.target} [{t.unit}]")
+        return 0
+    get_task(args.task)
+    folds = [args.fold] if args.fold is not None else list(range(N_FOLDS))
+    splits = {f"fold_{f}": dict(zip(("train", "test"), official_fold(args.task, f)))
+              for f in folds}
+    if args.json:
+        print(json.dumps(splits))
+    else:
+        for name, s in splits.items():
+            print(f"{args.task} {name}: train {len(s['train'])}  test {len(s['test'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": cmd_train, "data": cmd_data}[args.command](args)
+    except UserError as err:
+        print(f"matxfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("matxfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

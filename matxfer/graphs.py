@@ -1,0 +1,209 @@
+"""pymatgen Structure -> MACE graph; a compact on-disk graph cache; batching.
+
+A task's graphs are stored as flat tensors (positions, species, edges, shifts) plus per-structure
+offsets, so a cache of 100k structures is a handful of arrays rather than 100k Python objects.
+Batches are the dict MACE's blocks consume: node_attrs, positions, edge_index, shifts, batch, ptr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from matxfer.config import UserError
+
+CACHE_FORMAT = 1
+_ARRAYS = ("n_atoms", "n_edges", "species", "positions", "edge_index", "shifts", "targets")
+
+
+@dataclass
+class GraphSet:
+    """All graphs of a task. Species index the model's element table (z_table)."""
+
+    ids: list[str]
+    targets: np.ndarray  # [N] float64, task units
+    n_atoms: torch.Tensor  # [N] int64
+    n_edges: torch.Tensor  # [N] int64
+    species: torch.Tensor  # [sum atoms] int64, index into z_table
+    positions: torch.Tensor  # [sum atoms, 3] Å, model dtype
+    edge_index: torch.Tensor  # [2, sum edges] int64, local (per-structure) atom indices
+    shifts: torch.Tensor  # [sum edges, 3] Å, periodic image shift of each edge
+    z_table: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        zero = torch.zeros(1, dtype=torch.long)
+        self.atom_start = torch.cat([zero, self.n_atoms.cumsum(0)])
+        self.edge_start = torch.cat([zero, self.n_edges.cumsum(0)])
+        self.index = {mbid: i for i, mbid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions_of(self, ids: Sequence[str]) -> list[int]:
+        return [self.index[i] for i in ids]
+
+
+def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float):
+    """Neighbour graph of one periodic structure.
+
+    Returns (species [n], positions [n,3] Å, edge_index [2,E], shifts [E,3] Å).
+    Raises UserError naming the structure and element when the model lacks an element.
+    """
+    from mace.data.neighborhood import get_neighborhood
+
+    z_index = {z: i for i, z in enumerate(z_table)}
+    numbers = structure.atomic_numbers
+    unknown = sorted({z for z in numbers if z not in z_index})
+    if unknown:
+        from pymatgen.core import Element
+
+        names = ", ".join(Element.from_Z(z).symbol for z in unknown)
+        raise UserError(
+            f"structure {mbid}: element {names} is not among the model's {len(z_table)} elements"
+        )
+    positions = np.asarray(structure.cart_coords, dtype=float)
+    edge_index, shifts, _, _ = get_neighborhood(
+        positions=positions, cutoff=cutoff, pbc=(True, True, True),
+        cell=np.asarray(structure.lattice.matrix, dtype=float),
+    )
+    species = np.array([z_index[z] for z in numbers], dtype=np.int64)
+    return species, positions, edge_index, shifts
+
+
+def build_graph_set(
+    ids: Sequence[str], structures: Sequence, targets: np.ndarray, z_table: Sequence[int],
+    cutoff: float, dtype: torch.dtype, progress: bool = True,
+) -> GraphSet:
+    """Build the graphs of every structure, with a progress bar."""
+    parts = []
+    for mbid, structure in tqdm(list(zip(ids, structures)), desc="building graphs",
+                                unit="struct", disable=not progress):
+        parts.append(structure_graph(structure, mbid, z_table, cutoff))
+    return GraphSet(
+        ids=list(ids),
+        targets=np.asarray(targets, dtype=np.float64),
+        n_atoms=torch.tensor([len(p[0]) for p in parts], dtype=torch.long),
+        n_edges=torch.tensor([p[2].shape[1] for p in parts], dtype=torch.long),
+        species=torch.from_numpy(np.concatenate([p[0] for p in parts])),
+        positions=torch.from_numpy(np.concatenate([p[1] for p in parts])).to(dtype),
+        edge_index=torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1)).long(),
+        shifts=torch.from_numpy(np.concatenate([p[3] for p in parts])).to(dtype),
+        z_table=tuple(int(z) for z in z_table),
+    )
+
+
+def cache_key(task: str, cutoff: float, dtype: torch.dtype, z_table: Sequence[int]) -> str:
+    """Stable key of a graph cache: (task, cutoff, dtype, element table, format)."""
+    spec = {"task": task, "cutoff": round(float(cutoff), 6), "dtype": str(dtype),
+            "z_table": [int(z) for z in z_table], "format": CACHE_FORMAT}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MATXFER_CACHE"):
+        return Path(os.environ["MATXFER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "matxfer" / "graphs"
+
+
+def save_graph_set(graphs: GraphSet, path: Path) -> None:
+    """Write atomically: a killed writer leaves no partial file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {name: getattr(graphs, name) for name in _ARRAYS}
+    payload.update(ids=graphs.ids, z_table=graphs.z_table, format=CACHE_FORMAT)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_graph_set(path: Path) -> GraphSet:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != CACHE_FORMAT:
+        raise ValueError(f"graph cache {path} has format {payload.get('format')}")
+    return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]),
+                    **{name: payload[name] for name in _ARRAYS})
+
+
+def task_graphs(
+    task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
+    cache_dir: str | Path | None = None, data_dir: str | None = None, progress: bool = True,
+) -> GraphSet:
+    """The graphs of every structure of `task`, from the cache or built once and cached."""
+    from matxfer.data import load_task
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = folder / f"{task}-{cache_key(task, cutoff, dtype, z_table)}.pt"
+    if path.is_file():
+        try:
+            return load_graph_set(path)
+        except Exception:  # unreadable cache: rebuild it below
+            path.unlink(missing_ok=True)
+    df = load_task(task, data_dir)
+    graphs = build_graph_set(list(df.index), list(df["structure"]), df["target"].to_numpy(),
+                             z_table, cutoff, dtype, progress)
+    try:
+        save_graph_set(graphs, path)
+    except OSError as err:
+        raise UserError(f"cannot write graph cache in {str(folder)!r}: {err.strerror}") from None
+    return graphs
+
+
+def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = "cpu") -> dict:
+    """A batch of structures (row positions in `graphs`) as MACE's input dict.
+
+    Keys: node_attrs [n, n_elements] one-hot, positions [n,3], edge_index [2,E] (global),
+    shifts [E,3], batch [n], ptr [B+1], y [B] (task units, float64).
+    """
+    rows_t = torch.as_tensor(rows, dtype=torch.long)
+    na, ne = graphs.n_atoms[rows_t], graphs.n_edges[rows_t]
+    atom_idx = torch.cat([torch.arange(graphs.atom_start[r], graphs.atom_start[r + 1]) for r in rows])
+    edge_idx = torch.cat([torch.arange(graphs.edge_start[r], graphs.edge_start[r + 1]) for r in rows])
+    atom_offset = torch.cat([torch.zeros(1, dtype=torch.long), na.cumsum(0)[:-1]])
+    edge_index = graphs.edge_index[:, edge_idx] + atom_offset.repeat_interleave(ne)
+    species = graphs.species[atom_idx]
+    node_attrs = torch.nn.functional.one_hot(species, len(graphs.z_table))
+    batch = {
+        "node_attrs": node_attrs.to(graphs.positions.dtype),
+        "positions": graphs.positions[atom_idx],
+        "edge_index": edge_index,
+        "shifts": graphs.shifts[edge_idx],
+        "batch": torch.arange(len(rows)).repeat_interleave(na),
+        "ptr": torch.cat([torch.zeros(1, dtype=torch.long), na.cumsum(0)]),
+        "y": torch.as_tensor(graphs.targets[rows_t.numpy()]),
+    }
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def iterate_batches(
+    graphs: GraphSet, rows: Sequence[int], batch_size: int, shuffle: bool = False,
+    seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+) -> Iterator[dict]:
+    """Yield batches over `rows`; with world_size > 1 each rank gets an equal, disjoint share.
+
+    Shuffling is seeded (pass seed + epoch for a new order each epoch); under DDP every rank
+    draws the same permutation and takes its own stride, as DistributedSampler does.
+    """
+    order = np.asarray(rows)
+    if shuffle:
+        order = order[np.random.default_rng(seed).permutation(len(order))]
+    if world_size > 1:
+        per_rank = len(order) // world_size  # drop the remainder so ranks step in lockstep
+        order = order[rank : per_rank * world_size : world_size]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        if shuffle and len(chunk) < 2:  # a 1-structure batch breaks BSS and batch statistics
+            continue
+        yield collate(graphs, chunk.tolist(), device)

@@ -1,0 +1,190 @@
+"""MACE-MP-0 backbone (pretrained or its random twin) + pooled MLP head: PropertyModel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mace  # noqa: F401  (import before e3nn: sets up torch>=2.6 unpickling of MACE models)
+import numpy as np
+import torch
+from torch import nn
+
+from matxfer.config import ModelConfig, UserError
+
+SMALL_FILE = "2023-12-10-mace-128-L0_energy_epoch-249.model"
+SHARED_MODELS = Path("shared") / "models"
+
+
+def resolve_model_path(source: str) -> Path:
+    """'small' -> MATXFER_MODEL, ../shared/models/<file>, or mace's cache/download; else a path."""
+    if source != "small":
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"model file {source!r} does not exist; use 'small' or a MACE model file")
+        return path
+    if os.environ.get("MATXFER_MODEL"):
+        return resolve_model_path(os.environ["MATXFER_MODEL"])
+    repo_root = Path(__file__).resolve().parents[1]
+    for base in (Path.cwd(), repo_root):
+        for candidate in (base.parent / SHARED_MODELS / SMALL_FILE, base / SHARED_MODELS / SMALL_FILE):
+            if candidate.is_file():
+                return candidate
+    from mace.calculators.foundations_models import download_mace_mp_checkpoint
+
+    try:  # users outside this machine: mace's own cache, downloaded once
+        return Path(download_mace_mp_checkpoint("small"))
+    except Exception as err:
+        raise UserError(f"cannot find or download MACE-MP-0 'small': {err}") from None
+
+
+def load_backbone(source: str, init: str = "pretrained", seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The MACE model; `init='random'` gives the identical architecture, freshly initialised."""
+    path = resolve_model_path(source)
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"cannot load MACE model {str(path)!r}: {err}") from None
+    if not isinstance(model, nn.Module) or not hasattr(model, "interactions"):
+        raise UserError(f"{str(path)!r} does not hold a MACE model")
+    if init == "random":
+        from mace.tools.scripts_utils import extract_config_mace_model
+
+        cfg = extract_config_mace_model(model)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = type(model)(**cfg)
+    for p in model.readouts.parameters():  # energy readouts get no gradient from our head
+        p.requires_grad_(False)
+    return model.to(dtype)
+
+
+def scalar_columns(backbone: nn.Module) -> list[torch.Tensor]:
+    """Per interaction layer, the column indices of the invariant (0e) node features."""
+    from e3nn import o3
+
+    columns = []
+    for product in backbone.products:
+        irreps = o3.Irreps(str(product.linear.irreps_out))
+        idx = [torch.arange(s.start, s.stop) for s, (_, ir) in zip(irreps.slices(), irreps)
+               if ir.l == 0 and ir.p == 1]
+        columns.append(torch.cat(idx))
+    return columns
+
+
+def pool(x: torch.Tensor, batch: torch.Tensor, n_graphs: int, how: str) -> torch.Tensor:
+    """Pool node features x [n_atoms, d] per structure -> [n_graphs, d] ([.., 2d] for mean+max)."""
+    index = batch.unsqueeze(-1).expand_as(x)
+    total = x.new_zeros(n_graphs, x.shape[1]).scatter_add(0, index, x)
+    if how == "sum":
+        return total
+    counts = torch.bincount(batch, minlength=n_graphs).clamp(min=1).unsqueeze(-1).to(x.dtype)
+    mean = total / counts
+    if how == "mean":
+        return mean
+    peak = x.new_full((n_graphs, x.shape[1]), float("-inf")).scatter_reduce(
+        0, index, x, reduce="amax", include_self=True)
+    return peak if how == "max" else torch.cat([mean, peak], dim=-1)
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class PropertyModel(nn.Module):
+    """MACE backbone -> per-layer invariant node features -> pooled -> MLP head -> [B]."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "mean",
+                 head_hidden: list[int] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        cols = scalar_columns(backbone)
+        for i, c in enumerate(cols):
+            self.register_buffer(f"scalar_cols_{i}", c, persistent=False)
+        width = sum(len(c) for c in cols) * (2 if pooling == "mean+max" else 1)
+        self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(
+            next(backbone.parameters()).dtype)
+
+    def layer_features(self, batch: dict) -> list[torch.Tensor]:
+        """Invariant node features after each interaction+product block: list of [n_atoms, d_l]."""
+        from mace.modules.utils import get_edge_vectors_and_lengths
+
+        bb = self.backbone
+        node_attrs, edge_index = batch["node_attrs"], batch["edge_index"]
+        vectors, lengths = get_edge_vectors_and_lengths(
+            positions=batch["positions"], edge_index=edge_index, shifts=batch["shifts"])
+        edge_attrs = bb.spherical_harmonics(vectors)
+        edge_feats, cutoff = bb.radial_embedding(lengths, node_attrs, edge_index, bb.atomic_numbers)
+        node_feats = bb.node_embedding(node_attrs)
+        feats = []
+        for i, (interaction, product) in enumerate(zip(bb.interactions, bb.products)):
+            node_feats, sc = interaction(
+                node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
+                edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
+                first_layer=(i == 0))
+            node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+            feats.append(node_feats[:, getattr(self, f"scalar_cols_{i}")])
+        return feats
+
+    def pooled_layer_features(self, batch: dict) -> list[torch.Tensor]:
+        """Per layer, pooled invariant features [B, d_l] (or [B, 2 d_l] for mean+max)."""
+        n_graphs = batch["ptr"].numel() - 1
+        return [pool(f, batch["batch"], n_graphs, self.pooling) for f in self.layer_features(batch)]
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns (prediction [B] in standardised target space, pooled per-layer features)."""
+        pooled = self.pooled_layer_features(batch)
+        return self.head(torch.cat(pooled, dim=-1)).squeeze(-1), pooled
+
+    def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable backbone parameters (the ones L2-SP anchors)."""
+        return [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+
+
+class TargetScaler:
+    """Optional log, then standardise with training-split statistics. Classification: identity."""
+
+    def __init__(self, y_train: np.ndarray, log: bool, classification: bool = False) -> None:
+        self.log, self.classification = log, classification
+        z = self._forward_transform(np.asarray(y_train, dtype=np.float64))
+        self.mean = 0.0 if classification else float(z.mean())
+        self.std = 1.0 if classification else float(z.std() or 1.0)
+
+    def _forward_transform(self, y: np.ndarray) -> np.ndarray:
+        return np.log(y) if self.log else y
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        z = torch.log(y) if self.log else y
+        return (z - self.mean) / self.std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model output -> task units (probabilities for classification)."""
+        if self.classification:
+            return torch.sigmoid(z)
+        y = z * self.std + self.mean
+        return torch.exp(y) if self.log else y
+
+    def state(self) -> dict:
+        return {"log": self.log, "classification": self.classification,
+                "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_state(cls, state: dict) -> TargetScaler:
+        obj = cls.__new__(cls)
+        obj.__dict__.update(state)
+        return obj
+
+
+def build_model(cfg: ModelConfig) -> PropertyModel:
+    dtype = getattr(torch, cfg.dtype)
+    backbone = load_backbone(cfg.source, cfg.init, cfg.init_seed, dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        return PropertyModel(backbone, cfg.pooling, cfg.head_hidden)

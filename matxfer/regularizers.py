@@ -1,0 +1,38 @@
+"""Anti-forgetting regularisers as pure functions on tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li et al. 2018): sum_i ||w_i - w0_i||^2 over the pretrained parameters.
+
+    `anchors` are detached copies of the starting weights, same shapes as `params`. The squared
+    difference (not a norm) keeps the gradient, 2 (w - w0), defined at w = w0. Multiply by
+    lambda outside.
+    """
+    if len(params) != len(anchors):
+        raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
+    if not params:
+        return torch.zeros(())
+    diffs = torch._foreach_sub(list(params), list(anchors))
+    return torch.stack([(d * d).sum() for d in diffs]).sum()
+
+
+def bss_penalty(features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Batch Spectral Shrinkage (Chen et al. 2019): sum of the k smallest squared singular values.
+
+    features: [batch, dim] pooled features of the batch (not normalised). Only min(batch, dim)
+    singular values exist; k is clipped to that. torch.linalg.svdvals keeps gradients finite
+    even with repeated singular values. Multiply by eta outside.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be [batch, dim], got shape {tuple(features.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    sigma = torch.linalg.svdvals(features)  # descending
+    k = min(k, sigma.numel())
+    return sigma[-k:].pow(2).sum()

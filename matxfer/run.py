@@ -1,0 +1,149 @@
+"""One fine-tune end to end, without Ray: prepare the fold, train, test once, write outputs.
+
+`matxfer train` calls `run_finetune`; the Ray Train worker reuses `prepare_fold` and `fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from matxfer import __version__
+from matxfer.config import RunConfig, UserError
+from matxfer.data import fold_split, get_task
+from matxfer.graphs import task_graphs
+from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.train import FoldData, TrainResult, fit, predict, score
+
+OUTPUT_FILES = ("result.json", "history.csv", "predictions.csv", "checkpoint.pt", "config.yaml")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device 'cuda' requested but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True) -> FoldData:
+    """Graphs (cached), official fold with validation split, and a train-split target scaler."""
+    spec = get_task(cfg.data.task)
+    backbone = model.backbone
+    graphs = task_graphs(
+        cfg.data.task, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
+        next(backbone.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir, progress)
+    targets = pd.Series(graphs.targets, index=graphs.ids, name="target")
+    split = fold_split(targets.to_frame(), cfg.data.task, cfg.data.fold, cfg.data.val_fraction,
+                       cfg.data.val_seed, cfg.data.max_structures)
+    log = {"auto": spec.log_target, "log": True, "none": False}[cfg.model.target_transform]
+    y_train = targets.loc[split.train].to_numpy()
+    if log and (y_train <= 0).any():
+        raise UserError(f"model.target_transform 'log' needs positive targets; {spec.name} has "
+                        f"values <= 0 (use 'none')")
+    scaler = TargetScaler(y_train, log=log, classification=spec.kind == "classification")
+    return FoldData(spec, graphs, split, scaler)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished result; make sure the parent folder is writable."""
+    if (out / "result.json").exists() and not overwrite:
+        raise UserError(f"{str(out)!r} already holds a result.json; choose another --out "
+                        f"or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    parent = out.parent if not out.exists() else out
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"--out {str(out)!r} is not writable")
+
+
+def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_score: float,
+                  seconds: float) -> dict:
+    spec = data.spec
+    return {
+        "task": spec.name, "fold": cfg.data.fold, "unit": spec.unit, "init": cfg.model.init,
+        "pooling": cfg.model.pooling, "l2sp": cfg.regularizers.l2sp,
+        "bss": cfg.regularizers.bss, "bss_k": cfg.regularizers.bss_k,
+        "lr": cfg.train.lr, "backbone_lr": cfg.train.backbone_lr, "seed": cfg.train.seed,
+        "epochs": cfg.train.epochs, "epochs_run": trained.epochs_run,
+        "best_epoch": trained.best_epoch, f"val_{spec.metric}": trained.best_val,
+        f"test_{spec.metric}": test_score, "n_train": len(data.split.train),
+        "n_val": len(data.split.val), "n_test": len(data.split.test),
+        "structures_per_s": float(np.mean([h["structures_per_s"] for h in trained.history])),
+        "seconds": round(seconds, 2), "matxfer_version": __version__,
+    }
+
+
+def checkpoint_payload(model: PropertyModel, cfg: RunConfig, data: FoldData) -> dict:
+    return {"model_state": model.state_dict(), "config": cfg.model_dump(),
+            "scaler": data.scaler.state(), "task": data.spec.name,
+            "z_table": list(data.graphs.z_table), "matxfer_version": __version__}
+
+
+def write_outputs(out: Path, files: dict[str, object]) -> None:
+    """Write every output into a staging folder, then move it into place in one step."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; results are meant to be shared
+    try:
+        for name, content in files.items():
+            path = stage / name
+            if isinstance(content, pd.DataFrame):
+                content.to_csv(path, index=False)
+            elif name.endswith(".json"):
+                path.write_text(json.dumps(content, indent=2) + "\n")
+            elif name.endswith(".yaml"):
+                path.write_text(yaml.safe_dump(content, sort_keys=False))
+            else:
+                torch.save(content, path)
+        if not out.exists():
+            os.replace(stage, out)
+            return
+        for name in files:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """Fine-tune one task and fold; evaluate once on the test fold; write outputs under `out`."""
+    start = time.perf_counter()
+    out_dir = Path(out) if out else None
+    if out_dir:
+        check_output_dir(out_dir, overwrite)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model)
+    data = prepare_fold(cfg, model, progress)
+    model.to(device)
+    trained = fit(model, data, cfg, device, log=print if progress else None)
+    y_test, p_test = predict(model, data, "test", cfg.train.batch_size * 2, device)
+    test_score = score(data.spec, y_test, p_test)
+    record = result_record(cfg, data, trained, test_score, time.perf_counter() - start)
+    if out_dir:
+        model.cpu()
+        write_outputs(out_dir, {
+            "result.json": record,
+            "history.csv": pd.DataFrame(trained.history),
+            "predictions.csv": pd.DataFrame({"mbid": data.split.test, "target": y_test,
+                                             "prediction": p_test}),
+            "config.yaml": cfg.model_dump(),
+            "checkpoint.pt": checkpoint_payload(model, cfg, data),
+        })
+    return record

@@ -1,0 +1,203 @@
+"""The per-worker training loop: a plain function of (model, prepared fold data, config).
+
+No Ray here: device placement and DDP wrapping come from the caller (cli -> run.py locally,
+distributed.py under Ray Train), so this loop runs as-is in a unit test.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from matxfer.config import RunConfig
+from matxfer.data import FoldSplit, TaskSpec
+from matxfer.graphs import GraphSet, iterate_batches
+from matxfer.model import PropertyModel, TargetScaler
+from matxfer.regularizers import bss_penalty, l2_sp_penalty
+
+
+@dataclass
+class FoldData:
+    """One task and fold, ready to train: graphs, ids and row positions per split, scaler."""
+
+    spec: TaskSpec
+    graphs: GraphSet
+    split: FoldSplit
+    scaler: TargetScaler
+    rows: dict[str, list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = {part: self.graphs.positions_of(getattr(self.split, part))
+                     for part in ("train", "val", "test")}
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_epoch: int
+    best_val: float
+    best_state: dict
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def score(spec: TaskSpec, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """MAE in task units (regression) or ROC-AUC (classification)."""
+    if spec.kind == "classification":
+        return float(roc_auc_score(y_true.astype(int), y_pred))
+    return float(np.mean(np.abs(y_true - y_pred)))
+
+
+def is_better(spec: TaskSpec, new: float, best: float) -> bool:
+    return new > best if spec.kind == "classification" else new < best
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: FoldData, part: str, batch_size: int,
+            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(targets, predictions) in task units for split `part` ('train', 'val' or 'test')."""
+    was_training = model.training
+    model.eval()
+    ys, preds = [], []
+    for batch in iterate_batches(data.graphs, data.rows[part], batch_size, device=device):
+        out, _ = model(batch)
+        ys.append(batch["y"].cpu())
+        preds.append(data.scaler.decode(out.double()).cpu())
+    model.train(was_training)
+    return torch.cat(ys).numpy(), torch.cat(preds).numpy()
+
+
+def make_optimizer(model: PropertyModel, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW: backbone and head groups with their own learning rate and weight decay."""
+    t = cfg.train
+    groups = [
+        {"params": [p for _, p in model.backbone_parameters()],
+         "lr": t.backbone_lr or t.lr, "weight_decay": t.backbone_weight_decay},
+        {"params": list(model.head.parameters()), "lr": t.lr, "weight_decay": t.head_weight_decay},
+    ]
+    return torch.optim.AdamW(groups)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to each group's lr, then cosine decay to zero, stepped per batch."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def task_loss(spec: TaskSpec, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 in standardised space (regression) or BCE with logits (classification)."""
+    if spec.kind == "classification":
+        return nn.functional.binary_cross_entropy_with_logits(out, target)
+    return nn.functional.l1_loss(out, target)
+
+
+class Objective:
+    """Task loss + lambda * L2-SP + eta * BSS for one batch; keeps w0 for L2-SP."""
+
+    def __init__(self, model: PropertyModel, cfg: RunConfig, spec: TaskSpec,
+                 scaler: TargetScaler) -> None:
+        reg = cfg.regularizers
+        self.spec, self.scaler = spec, scaler
+        self.l2sp, self.bss, self.bss_k = reg.l2sp, reg.bss, reg.bss_k
+        self.params = [p for _, p in model.backbone_parameters()]
+        self.anchors = [p.detach().clone() for p in self.params] if self.l2sp > 0 else []
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        out, pooled = model(batch)
+        target = self.scaler.encode(batch["y"]).to(out.dtype)
+        loss_task = task_loss(self.spec, out, target)
+        loss = loss_task
+        terms = {"task_loss": loss_task.item(), "l2sp_term": 0.0, "bss_term": 0.0}
+        if self.l2sp > 0:
+            l2 = self.l2sp * l2_sp_penalty(self.params, self.anchors)
+            loss, terms["l2sp_term"] = loss + l2, l2.item()
+        if self.bss > 0:
+            bss = self.bss * bss_penalty(pooled[-1], self.bss_k)
+            loss, terms["bss_term"] = loss + bss, bss.item()
+        terms["train_loss"] = loss.item()
+        return loss, terms
+
+
+def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, data: FoldData,
+                cfg: RunConfig, epoch: int, device, rank: int, world_size: int) -> dict:
+    """One pass over this rank's share of the training split; returns mean terms and speed."""
+    model.train()
+    sums: dict[str, float] = {}
+    n_batches = n_structs = 0
+    start = time.perf_counter()
+    for batch in iterate_batches(data.graphs, data.rows["train"], cfg.train.batch_size,
+                                 shuffle=True, seed=cfg.train.seed * 100_003 + epoch,
+                                 rank=rank, world_size=world_size, device=device):
+        loss, terms = objective(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_batches += 1
+        n_structs += batch["ptr"].numel() - 1
+    seconds = time.perf_counter() - start
+    metrics = {k: v / max(1, n_batches) for k, v in sums.items()}
+    metrics.update(seconds=seconds, structures_per_s=n_structs * world_size / max(seconds, 1e-9))
+    return metrics
+
+
+def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device | str = "cpu",
+        rank: int = 0, world_size: int = 1,
+        on_epoch: Callable[[dict, TrainResult], None] | None = None,
+        log: Callable[[str], None] | None = print) -> TrainResult:
+    """Train with early stopping on the validation metric; best weights are restored at the end.
+
+    `model` may be DDP-wrapped; penalties and state use the underlying PropertyModel.
+    `on_epoch(metrics, result_so_far)` runs after every epoch (Ray reporting, checkpoints).
+    """
+    raw: PropertyModel = getattr(model, "module", model)
+    spec, t = data.spec, cfg.train
+    torch.manual_seed(t.seed)
+    objective = Objective(raw, cfg, spec, data.scaler)
+    optimizer = make_optimizer(raw, cfg)
+    per_rank = len(data.rows["train"]) // world_size
+    steps = max(1, math.ceil(per_rank / t.batch_size)) * t.epochs
+    warmup = min(steps, int(t.warmup_epochs * steps / t.epochs))
+    scheduler = warmup_cosine(optimizer, warmup, steps)
+    metric = f"val_{spec.metric}"
+    result = TrainResult([], 0, -math.inf if spec.kind == "classification" else math.inf,
+                         copy.deepcopy(raw.state_dict()))
+    for epoch in range(1, t.epochs + 1):
+        row = {"epoch": epoch, "lr": optimizer.param_groups[1]["lr"]}
+        row.update(train_epoch(model, objective, optimizer, scheduler, data, cfg, epoch,
+                               device, rank, world_size))
+        if not math.isfinite(row["train_loss"]):
+            raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
+        row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device))
+        result.history.append(row)
+        if is_better(spec, row[metric], result.best_val):
+            result.best_val, result.best_epoch = row[metric], epoch
+            result.best_state = copy.deepcopy(raw.state_dict())
+        if log:
+            log(f"epoch {epoch:3d}/{t.epochs}  loss {row['train_loss']:.4f}  "
+                f"{metric} {row[metric]:.4f}  best {result.best_val:.4f} (epoch "
+                f"{result.best_epoch})  {row['structures_per_s']:.1f} struct/s")
+        if on_epoch:
+            on_epoch(row, result)
+        if t.patience and epoch - result.best_epoch >= t.patience:
+            break
+    raw.load_state_dict(result.best_state)
+    return result
