@@ -39,6 +39,8 @@ class DataConfig(_Strict):
 
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
+        if self.data_dir and not Path(self.data_dir, f"{self.task}.json.gz").is_file():
+            raise ValueError(f"data_dir {self.data_dir!r} holds no {self.task}.json.gz")
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,20 @@ def matbench_ids(task: str, n_rows: int) -> list[str]:
     n_zeros = math.floor(math.log(n_rows, 10)) + 1
     prefix = task.replace("matbench", "mb").replace("_", "-")
     return [f"{prefix}-{i + 1:0{n_zeros}d}" for i in range(n_rows)]
+
+
+def local_data_file(task: str, data_dir: str | None = None) -> Path | None:
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    path = folder / f"{task}.json.gz" if folder else None
+    return path if path is not None and path.is_file() else None
+
+
+def data_source_id(task: str, data_dir: str | None = None) -> str:
+    """Content hash of the local data file ('matminer' when it will be downloaded)."""
+    path = local_data_file(task, data_dir)
+    if path is None:
+        return "matminer"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=4)

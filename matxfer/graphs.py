@@ -101,10 +101,11 @@ def build_graph_set(
     )
 
 
-def cache_key(task: str, cutoff: float, dtype: torch.dtype, z_table: Sequence[int]) -> str:
-    """Stable key of a graph cache: (task, cutoff, dtype, element table, format)."""
+def cache_key(task: str, cutoff: float, dtype: torch.dtype, z_table: Sequence[int],
+              source: str = "") -> str:
+    """Stable key of a graph cache: (task, cutoff, dtype, element table, data source, format)."""
     spec = {"task": task, "cutoff": round(float(cutoff), 6), "dtype": str(dtype),
-            "z_table": [int(z) for z in z_table], "format": CACHE_FORMAT}
+            "z_table": [int(z) for z in z_table], "source": source, "format": CACHE_FORMAT}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,10 +143,11 @@ def task_graphs(
     cache_dir: str | Path | None = None, data_dir: str | None = None, progress: bool = True,
 ) -> GraphSet:
     """The graphs of every structure of `task`, from the cache or built once and cached."""
-    from matxfer.data import load_task
+    from matxfer.data import data_source_id, load_task
 
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = folder / f"{task}-{cache_key(task, cutoff, dtype, z_table)}.pt"
+    source = data_source_id(task, data_dir)
+    path = folder / f"{task}-{cache_key(task, cutoff, dtype, z_table, source)}.pt"
     if path.is_file():
         try:
             return load_graph_set(path)
@@ -169,8 +171,10 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
     """
     rows_t = torch.as_tensor(rows, dtype=torch.long)
     na, ne = graphs.n_atoms[rows_t], graphs.n_edges[rows_t]
-    atom_idx = torch.cat([torch.arange(graphs.atom_start[r], graphs.atom_start[r + 1]) for r in rows])
-    edge_idx = torch.cat([torch.arange(graphs.edge_start[r], graphs.edge_start[r + 1]) for r in rows])
+    atom_idx = torch.cat([torch.arange(graphs.atom_start[r], graphs.atom_start[r + 1])
+                          for r in rows])
+    edge_idx = torch.cat([torch.arange(graphs.edge_start[r], graphs.edge_start[r + 1])
+                          for r in rows])
     atom_offset = torch.cat([torch.zeros(1, dtype=torch.long), na.cumsum(0)[:-1]])
     edge_index = graphs.edge_index[:, edge_idx] + atom_offset.repeat_interleave(ne)
     species = graphs.species[atom_idx]

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 from pathlib import Path
 
-import mace  # noqa: F401  (import before e3nn: sets up torch>=2.6 unpickling of MACE models)
 import numpy as np
 import torch
 from torch import nn
 
-from matxfer.config import ModelConfig, UserError
+
+def _import_mace_quietly() -> None:
+    """Import mace before e3nn (it sets up torch>=2.6 unpickling of MACE models), without the
+    banner it prints when the optional cuequivariance kernels are absent."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mace.modules  # noqa: F401
+        import mace.tools.scripts_utils  # noqa: F401
+
+
+_import_mace_quietly()
+
+from matxfer.config import ModelConfig, UserError  # noqa: E402
 
 SMALL_FILE = "2023-12-10-mace-128-L0_energy_epoch-249.model"
 SHARED_MODELS = Path("shared") / "models"
@@ -21,13 +35,15 @@ def resolve_model_path(source: str) -> Path:
     if source != "small":
         path = Path(source)
         if not path.is_file():
-            raise UserError(f"model file {source!r} does not exist; use 'small' or a MACE model file")
+            raise UserError(
+                f"model file {source!r} does not exist; use 'small' or a MACE model file")
         return path
     if os.environ.get("MATXFER_MODEL"):
         return resolve_model_path(os.environ["MATXFER_MODEL"])
     repo_root = Path(__file__).resolve().parents[1]
     for base in (Path.cwd(), repo_root):
-        for candidate in (base.parent / SHARED_MODELS / SMALL_FILE, base / SHARED_MODELS / SMALL_FILE):
+        for folder in (base.parent / SHARED_MODELS, base / SHARED_MODELS):
+            candidate = folder / SMALL_FILE
             if candidate.is_file():
                 return candidate
     from mace.calculators.foundations_models import download_mace_mp_checkpoint

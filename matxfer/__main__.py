@@ -1,0 +1,5 @@
+import sys
+
+from matxfer.cli import main
+
+sys.exit(main())

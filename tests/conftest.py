@@ -1,0 +1,50 @@
+"""Shared fixtures: the real MACE-MP-0 small model, real Matbench data, a per-session cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests build many short-lived models: skip most TorchScript profiling warm-up.
+torch._C._jit_set_profiling_executor(False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory):
+    """Keep graph caches of the test session out of the user's cache folder."""
+    path = tmp_path_factory.mktemp("graph-cache")
+    old = os.environ.get("MATXFER_CACHE")
+    os.environ["MATXFER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MATXFER_CACHE", None)
+    else:
+        os.environ["MATXFER_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from matxfer.model import load_backbone
+
+    return load_backbone("small", "pretrained", dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def jdft2d_graphs(backbone, graph_cache_dir):
+    from matxfer.graphs import task_graphs
+
+    return task_graphs("matbench_jdft2d", [int(z) for z in backbone.atomic_numbers],
+                       float(backbone.r_max), torch.float32, progress=False)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A run config small enough for a unit test: 32 structures, 2 epochs."""
+    from matxfer.config import load_config
+
+    return load_config(overrides={
+        "data.task": "matbench_jdft2d", "data.max_structures": 40, "data.val_fraction": 0.2,
+        "train.epochs": 2, "train.batch_size": 8, "train.threads": 2,
+    })

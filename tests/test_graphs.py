@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from matxfer.config import UserError
+from matxfer.graphs import (
+    build_graph_set,
+    collate,
+    iterate_batches,
+    load_graph_set,
+    save_graph_set,
+    structure_graph,
+    task_graphs,
+)
+
+
+def cscl():
+    return Structure(Lattice.cubic(3.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_unknown_element_names_the_structure_and_the_element(backbone):
+    z_table = [int(z) for z in backbone.atomic_numbers]
+    po = Structure(Lattice.cubic(3.35), ["Po"], [[0, 0, 0]])  # Z=84 is not in MACE-MP-0
+    with pytest.raises(UserError, match="structure mb-test-7: element Po is not among"):
+        structure_graph(po, "mb-test-7", z_table, 6.0)
+
+
+def test_graph_edges_are_the_neighbours_within_the_cutoff():
+    species, positions, edge_index, shifts = structure_graph(cscl(), "x", [17, 55], 2.9)
+    assert species.tolist() == [1, 0]
+    # CsCl type, a = 3 A: each ion has 8 unlike neighbours at 2.598 A, then 6 like ones at 3 A
+    assert edge_index.shape[1] == 16
+    lengths = np.linalg.norm(positions[edge_index[1]] - positions[edge_index[0]] + shifts, axis=1)
+    assert np.allclose(lengths, 3.0 * np.sqrt(3) / 2)
+
+
+def test_collate_offsets_edges_per_structure():
+    gs = build_graph_set(["a", "b"], [cscl(), cscl()], np.array([1.0, 2.0]), [17, 55], 2.9,
+                         torch.float64, progress=False)
+    batch = collate(gs, [1, 0])
+    assert batch["node_attrs"].shape == (4, 2)
+    assert batch["ptr"].tolist() == [0, 2, 4]
+    assert batch["batch"].tolist() == [0, 0, 1, 1]
+    assert batch["edge_index"][:, 16:].min() >= 2  # second structure's edges point at its atoms
+    assert batch["y"].tolist() == [2.0, 1.0]
+
+
+def test_cache_round_trip_is_exact(tmp_path, jdft2d_graphs):
+    path = tmp_path / "g.pt"
+    save_graph_set(jdft2d_graphs, path)
+    again = load_graph_set(path)
+    assert again.ids == jdft2d_graphs.ids
+    for name in ("positions", "edge_index", "shifts", "species", "n_atoms"):
+        assert torch.equal(getattr(again, name), getattr(jdft2d_graphs, name))
+
+
+def test_cache_is_built_once_and_reused(tmp_path, backbone, monkeypatch):
+    z = [int(x) for x in backbone.atomic_numbers]
+    first = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    files = list(tmp_path.glob("matbench_jdft2d-*.pt"))
+    assert len(files) == 1
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached task must not be loaded again")
+
+    monkeypatch.setattr("matxfer.data.load_task", no_loading)
+    second = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    assert torch.equal(first.positions, second.positions)
+    # another dtype or cutoff is another cache entry
+    with pytest.raises(AssertionError, match="must not be loaded"):
+        task_graphs("matbench_jdft2d", z, 5.0, torch.float32, tmp_path, progress=False)
+
+
+def test_a_killed_write_leaves_no_cache_file(tmp_path, jdft2d_graphs, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("torch.save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_graph_set(jdft2d_graphs, tmp_path / "g.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupt_cache_is_rebuilt(tmp_path, backbone):
+    z = [int(x) for x in backbone.atomic_numbers]
+    task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    path = next(tmp_path.glob("*.pt"))
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    graphs = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    assert len(graphs) == 636
+
+
+def test_ranks_get_disjoint_equal_shares(jdft2d_graphs):
+    rows = list(range(50))
+    seen = []
+    for rank in range(3):
+        batches = list(iterate_batches(jdft2d_graphs, rows, 4, shuffle=True, seed=1,
+                                       rank=rank, world_size=3))
+        seen.append([int(b["ptr"].numel() - 1) for b in batches])
+    assert seen[0] == seen[1] == seen[2]
+    assert sum(seen[0]) == 16  # 50 // 3

@@ -1,0 +1,82 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from matxfer.model import PropertyModel
+from matxfer.run import prepare_fold
+from matxfer.train import fit, predict, score
+
+
+@pytest.fixture
+def tiny_model(backbone):
+    torch.manual_seed(0)
+    return PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
+
+
+def test_fit_reports_every_epoch_and_restores_the_best_weights(tiny_model, tiny_cfg):
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    seen = []
+    result = fit(tiny_model, data, tiny_cfg, on_epoch=lambda row, _: seen.append(row), log=None)
+    assert [r["epoch"] for r in result.history] == [1, 2] == [r["epoch"] for r in seen]
+    for key in ("train_loss", "task_loss", "l2sp_term", "bss_term", "val_mae", "seconds",
+                "structures_per_s", "lr"):
+        assert math.isfinite(result.history[0][key])
+    val = score(data.spec, *predict(tiny_model, data, "val", 16))
+    assert val == pytest.approx(result.best_val, rel=1e-6)  # the model now holds the best epoch
+
+
+def test_regularisers_enter_the_loss_with_their_weights(tiny_model, tiny_cfg):
+    tiny_cfg.regularizers.l2sp = 1e-2
+    tiny_cfg.regularizers.bss = 1e-3
+    tiny_cfg.train.epochs = 1
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    row = fit(tiny_model, data, tiny_cfg, log=None).history[0]
+    assert row["l2sp_term"] > 0 and row["bss_term"] > 0
+    assert row["train_loss"] == pytest.approx(
+        row["task_loss"] + row["l2sp_term"] + row["bss_term"], rel=1e-6)
+
+
+def test_strong_l2sp_keeps_the_backbone_near_the_pretrained_weights(backbone, tiny_cfg):
+    def drift(l2sp: float) -> float:
+        torch.manual_seed(0)
+        model = PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
+        start = [p.detach().clone() for _, p in model.backbone_parameters()]
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.regularizers.l2sp = l2sp
+        cfg.train.backbone_lr = 1e-2
+        fit(model, prepare_fold(cfg, model, progress=False), cfg, log=None)
+        return sum((p - s).pow(2).sum().item()
+                   for (_, p), s in zip(model.backbone_parameters(), start))
+
+    assert drift(1e3) < 0.5 * drift(0.0)
+
+
+def test_patience_stops_early(tiny_model, tiny_cfg, monkeypatch):
+    tiny_cfg.train.epochs = 6
+    tiny_cfg.train.patience = 2
+    val_maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 1.0])  # best at epoch 2, no gain for 2 epochs
+    monkeypatch.setattr("matxfer.train.score", lambda spec, y, p: next(val_maes))
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    result = fit(tiny_model, data, tiny_cfg, log=None)
+    assert (result.epochs_run, result.best_epoch, result.best_val) == (4, 2, 4.0)
+
+
+def test_nan_loss_fails_with_the_reason(tiny_model, tiny_cfg):
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    with torch.no_grad():
+        tiny_model.head[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="training loss became nan at epoch 1"):
+        fit(tiny_model, data, tiny_cfg, log=None)
+
+
+def test_training_is_deterministic_for_a_seed(backbone, tiny_cfg):
+    def run() -> float:
+        torch.manual_seed(0)
+        model = PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
+        tiny_cfg.train.epochs = 1
+        return fit(model, prepare_fold(tiny_cfg, model, progress=False), tiny_cfg,
+                   log=None).history[0]["train_loss"]
+
+    assert run() == pytest.approx(run(), rel=1e-5)
