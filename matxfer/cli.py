@@ -24,6 +24,13 @@ TRAIN_FLAGS = {
     "threads": ("train.threads", int), "device": ("train.device", str),
 }
 
+TUNE_FLAGS = {
+    "num_samples": ("num_samples", int), "max_concurrent_trials": ("max_concurrent_trials", int),
+    "num_workers": ("scaling.num_workers", int), "epochs": ("run.train.epochs", int),
+    "max_structures": ("run.data.max_structures", int), "storage_path": ("storage_path", str),
+    "output_dir": ("output_dir", str),
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
@@ -40,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing result")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+
+    tune = sub.add_parser("tune", help="hyperparameter study per fold (Ray Tune + Optuna)")
+    tune.add_argument("config", help="study YAML (tune_configs/<task>.yaml)")
+    tune.add_argument("--variant", default="main",
+                      help="main | no-reg (regularisers off) | random-init (MACE-RI)")
+    tune.add_argument("--folds", type=int, nargs="+", help="subset of the folds to run")
+    for flag, (_, kind) in TUNE_FLAGS.items():
+        tune.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     data = sub.add_parser("data", help="inspect Matbench tasks")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -59,6 +75,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     record = run_finetune(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from matxfer.config import load_study_config
+    from matxfer.tune import format_summary, run_study
+
+    overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
+    overrides["folds"] = args.folds
+    study = load_study_config(args.config, overrides, args.variant)
+    table = run_study(study, address=args.address)
+    print(format_summary(table, study))
     return 0
 
 
@@ -84,7 +112,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "data": cmd_data}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data}[args.command](args)
     except UserError as err:
         print(f"matxfer: error: {err}", file=sys.stderr)
         return 2

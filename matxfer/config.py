@@ -148,3 +148,94 @@ def load_config(
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError(f"invalid config: {format_validation_error(err)}") from None
+
+
+class SearchRange(_Strict):
+    """A log-uniform range; with `allow_off`, 'off' (exactly 0) is a choice too."""
+
+    low: float = Field(gt=0.0)
+    high: float = Field(gt=0.0)
+    allow_off: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must exceed low ({self.low})")
+        return self
+
+
+class SearchSpace(_Strict):
+    """What Optuna proposes per trial; a null entry keeps the run template's value."""
+
+    l2sp: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-6, high=1e-1))
+    bss: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-5, high=1e-1))
+    lr: SearchRange | None = None
+
+
+class ScalingSettings(_Strict):
+    """Ray Train workers per trial: one per GPU with NCCL, or gloo CPU workers."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class AshaSettings(_Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class StudyConfig(_Strict):
+    """A hyperparameter study per fold of one task: the run template plus the search."""
+
+    name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="variant name")
+    run: RunConfig = Field(default_factory=RunConfig)
+    folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    num_samples: int = Field(16, ge=1, description="trials per fold")
+    max_concurrent_trials: int = Field(1, ge=1)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    asha: AshaSettings = Field(default_factory=AshaSettings)
+    seed: int = 0
+    storage_path: str = Field("runs/ray", description="Ray results: local folder, NFS or s3://")
+    output_dir: str = Field("runs/studies", description="per-task summaries and records")
+
+    @model_validator(mode="after")
+    def _valid_folds(self) -> StudyConfig:
+        bad = [f for f in self.folds if f not in range(5)]
+        if bad or not self.folds or len(set(self.folds)) != len(self.folds):
+            raise ValueError(f"folds must be distinct values in 0-4, got {self.folds}")
+        return self
+
+
+# Ready-made comparison variants: the paper's baselines are config changes, not code.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "main": {},
+    "no-reg": {"name": "no-reg", "search.l2sp": None, "search.bss": None,
+               "run.regularizers.l2sp": 0.0, "run.regularizers.bss": 0.0},
+    "random-init": {"name": "random-init", "run.model.init": "random", "search.l2sp": None,
+                    "search.bss": None, "run.regularizers.l2sp": 0.0,
+                    "run.regularizers.bss": 0.0},
+}
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                      variant: str = "main") -> StudyConfig:
+    """A StudyConfig from YAML, a variant preset, then dotted overrides (CLI flags)."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    tree = read_yaml(path)
+    for dotted, value in VARIANTS[variant].items():
+        _set_dotted(tree, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        study = StudyConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"invalid study config: {format_validation_error(err)}") from None
+    if variant != "main" and study.search.lr is None and study.num_samples > 1:
+        study.num_samples = 1  # nothing left to search: one run per fold
+    return study

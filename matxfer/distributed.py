@@ -1,0 +1,78 @@
+"""Ray Train: one fine-tune across workers (DDP; NCCL on GPUs, gloo on CPU).
+
+`train_worker` runs on every worker: it places the model, wraps it in DDP, runs the plain loop
+from train.py and reports each epoch (with a checkpoint of the best weights so far on rank 0).
+`fit_on_workers` builds the TorchTrainer for one trial.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from matxfer.config import RunConfig, ScalingSettings
+from matxfer.model import build_model
+from matxfer.run import checkpoint_payload, prepare_fold
+from matxfer.train import TrainResult, fit
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _report_epoch(model, cfg: RunConfig, data, rank: int):
+    """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint on improvement."""
+    def on_epoch(row: dict, result: TrainResult) -> None:
+        metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch}
+        if rank != 0 or result.best_epoch != row["epoch"]:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            payload = checkpoint_payload(model, cfg, data)
+            payload["history"] = list(result.history)
+            torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    return on_epoch
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker entry: config = {'run': RunConfig as dict, 'threads': int}."""
+    cfg = RunConfig.model_validate(config["run"])
+    torch.set_num_threads(int(config.get("threads") or 1))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model = build_model(cfg.model)
+    data = prepare_fold(cfg, model, progress=False)  # reads the cache the driver built
+    model.to(device)
+    wrapped = model
+    if world > 1:
+        wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    fit(wrapped, data, cfg, device, rank=rank, world_size=world,
+        on_epoch=_report_epoch(model, cfg, data, rank), log=None)
+
+
+def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, name: str,
+                   callbacks: list | None = None) -> ray.train.Result:
+    """Run one fine-tune as a Ray Train job (resumes from its last checkpoint when rerun)."""
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    threads = max(1, int(scaling.cpus_per_worker))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run": cfg.model_dump(), "threads": threads},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=os.path.abspath(storage_path)
+            if "://" not in storage_path else storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=1), callbacks=callbacks or []),
+    )
+    return trainer.fit()

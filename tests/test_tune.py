@@ -1,0 +1,118 @@
+"""The search service: config, search space, and a real (tiny) study on a local Ray instance."""
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from matxfer.config import UserError, load_study_config
+from matxfer.tune import DefineSpace, trial_run_config
+
+
+@pytest.fixture
+def study_yaml(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "folds: [0]\nnum_samples: 2\nmax_concurrent_trials: 1\n"
+        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        "scaling: {num_workers: 2, cpus_per_worker: 1}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    return path
+
+
+def test_space_proposes_log_uniform_values_or_off(study_yaml):
+    study = load_study_config(study_yaml)
+    space = DefineSpace(study.search)
+    off = optuna.trial.FixedTrial({"l2sp_on": False, "bss_on": True, "bss": 3e-3})
+    space(off)
+    cfg = trial_run_config(study, 3, off.params)
+    assert (cfg.data.fold, cfg.regularizers.l2sp, cfg.regularizers.bss) == (3, 0.0, 3e-3)
+    study_opt = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(20):
+        trial = study_opt.ask()
+        space(trial)
+        for name, rng in (("l2sp", study.search.l2sp), ("bss", study.search.bss)):
+            if trial.params[f"{name}_on"]:
+                assert rng.low <= trial.params[name] <= rng.high
+        study_opt.tell(trial, 1.0)
+
+
+def test_variants_are_config_changes(study_yaml):
+    ri = load_study_config(study_yaml, variant="random-init")
+    assert ri.name == "random-init" and ri.run.model.init == "random"
+    assert ri.search.l2sp is None and ri.search.bss is None and ri.num_samples == 1
+    noreg = load_study_config(study_yaml, variant="no-reg")
+    assert noreg.run.model.init == "pretrained" and noreg.run.regularizers.l2sp == 0.0
+    with pytest.raises(UserError, match="unknown variant 'best'; allowed: main, no-reg"):
+        load_study_config(study_yaml, variant="best")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"folds": [0, 7]}, "folds must be distinct values in 0-4"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"search.l2sp.low": 1.0, "search.l2sp.high": 0.1}, "high (0.1) must exceed low (1.0)"),
+    ({"scaling.num_workers": 0}, "scaling.num_workers"),
+])
+def test_bad_study_configs_fail_at_load_time(study_yaml, overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_study_config(study_yaml, overrides)
+    assert needle in str(err.value)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_path):
+    """Two trials, each a Ray Train run over 2 gloo DDP workers; the best checkpoint is
+    evaluated once on the test fold; a rerun skips the finished fold."""
+    import ray
+
+    from matxfer.tune import run_study
+
+    study = load_study_config(study_yaml)
+    try:
+        table = run_study(study)
+        out = tmp_path / "studies" / "matbench_jdft2d" / "main"
+        result = json.loads((out / "fold0" / "result.json").read_text())
+        assert result["n_trials"] == 2 and result["test_mae"] > 0
+        assert result["val_mae"] > 0 and 1 <= result["best_epoch"] <= 2
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["mean"] == pytest.approx(result["test_mae"]) and summary["std"] == 0.0
+        assert list(table["fold"]) == [0]
+        trials = (out / "fold0" / "trials.csv").read_text().splitlines()
+        assert len(trials) == 3  # header + 2 trials
+        # a subset run cannot fill matbench's record (it needs every test id): none is written
+        assert summary["matbench_record"] is None
+        assert not (out / "matbench_results.json").exists()
+        # rerun: the finished fold is skipped, results unchanged
+        again = run_study(study)
+        assert again.iloc[0]["test_mae"] == table.iloc[0]["test_mae"]
+    finally:
+        ray.shutdown()
+
+
+def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
+    import pandas as pd
+    from matbench.bench import MatbenchBenchmark
+
+    from matxfer.data import load_task, official_fold
+    from matxfer.tune import write_matbench_record
+
+    folds, params = {}, {}
+    for fold in range(5):
+        _, test = official_fold("matbench_jdft2d", fold)
+        folds[fold] = pd.DataFrame({"mbid": test[::-1], "prediction": np.arange(len(test)) * 1.0})
+        params[fold] = {"l2sp": 1e-4, "bss": 0.0}
+    path = tmp_path / "results.json"
+    write_matbench_record("matbench_jdft2d", folds, params, path)
+    record = MatbenchBenchmark.from_file(str(path)).tasks_map["matbench_jdft2d"]
+    data = record.results["fold_2"]["data"]
+    _, test2 = official_fold("matbench_jdft2d", 2)
+    assert list(data) == test2  # matbench's own order, whatever order we predicted in
+    assert data[test2[-1]] == 0  # the mapping id -> prediction survived
+    assert record.results["fold_0"]["parameters"]["l2sp"] == 1e-4
+    truth = load_task("matbench_jdft2d").loc[test2[::-1], "target"].to_numpy()
+    expected_mae = abs(truth - np.arange(len(test2))).mean()
+    assert record.results["fold_2"]["scores"]["mae"] == pytest.approx(expected_mae)
+    assert json.loads(path.read_text())["@class"] == "MatbenchBenchmark"
