@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: install
-	$(BIN)/matxfer train --config tune_configs/quickstart_train.yaml --out runs/quickstart --overwrite
+	$(BIN)/matxfer tune tune_configs/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests

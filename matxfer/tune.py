@@ -20,6 +20,7 @@ from ray import tune
 
 from matxfer.config import RunConfig, SearchSpace, StudyConfig, UserError
 from matxfer.data import get_task, load_task, official_fold
+from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.run import write_outputs
@@ -134,6 +135,18 @@ def make_tuner(study: StudyConfig, fold: int) -> tune.Tuner:
     )
 
 
+def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
+    """The trial's last reported checkpoint: workers save one only when validation improves,
+    so it holds the trial's best weights. Train V2 passes its path to Tune as a metric."""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    history = result.metrics_dataframe
+    if history is None or CHECKPOINT_PATH_KEY not in history:
+        return None
+    paths = history[CHECKPOINT_PATH_KEY].dropna()
+    return ray.train.Checkpoint(paths.iloc[-1]) if len(paths) else None
+
+
 def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
     """Rebuild a fine-tuned PropertyModel from a matxfer checkpoint file."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -150,11 +163,11 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
     spec = get_task(study.run.data.task)
     mode = "max" if spec.kind == "classification" else "min"
     best = results.get_best_result("best_val", mode, scope="last", filter_nan_and_inf=True)
-    if best is None or best.checkpoint is None:
+    ckpt = best_checkpoint_file(best) if best is not None else None
+    if ckpt is None:
         raise RuntimeError(f"{study_name(study, fold)}: no trial finished with a checkpoint")
-    with best.checkpoint.as_directory() as folder:
-        ckpt = Path(folder) / "checkpoint.pt"
-        model, scaler, cfg, payload = load_checkpoint_model(ckpt)
+    with ckpt.as_directory() as folder:
+        model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
         data = prepare_fold(cfg, model, progress=False)
         data.scaler = scaler
         y, p = predict(model, data, "test", 64)
