@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from matxfer.config import UserError
+from matxfer.config import StudyInterrupted, UserError
 
 # CLI flag -> dotted config path; every override goes through the same pydantic model.
 TRAIN_FLAGS = {
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--folds", type=int, nargs="+", help="subset of the folds to run")
     for flag, (_, kind) in TUNE_FLAGS.items():
         tune.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    tune.add_argument("--cpu", action="store_true",
+                      help="gloo CPU workers even if the YAML asks for GPUs")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     data = sub.add_parser("data", help="inspect Matbench tasks")
@@ -84,6 +86,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds
+    if args.cpu:
+        overrides["scaling.use_gpu"] = False
     study = load_study_config(args.config, overrides, args.variant)
     table = run_study(study, address=args.address)
     print(format_summary(table, study))
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"matxfer: error: {err}", file=sys.stderr)
         return 2
+    except StudyInterrupted as err:
+        print(f"matxfer: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("matxfer: interrupted", file=sys.stderr)
         return 130

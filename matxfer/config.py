@@ -20,6 +20,10 @@ class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit code 2."""
 
 
+class StudyInterrupted(Exception):
+    """A study stopped before all its trials finished (Ctrl-C); its state is saved: exit 130."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -18,7 +18,7 @@ import ray
 import torch
 from ray import tune
 
-from matxfer.config import RunConfig, SearchSpace, StudyConfig, UserError
+from matxfer.config import RunConfig, SearchSpace, StudyConfig, StudyInterrupted, UserError
 from matxfer.data import get_task, load_task, official_fold
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
@@ -215,6 +215,10 @@ def run_fold(study: StudyConfig, fold: int) -> dict:
         print(f"fold {fold}: finished earlier, skipping ({done})")
         return json.loads(done.read_text())
     results = make_tuner(study, fold).fit()
+    finished = results.num_terminated + results.num_errors
+    if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
+        raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "
+                               f"{study.num_samples} trials; rerun the same command to resume")
     errors = [r.error for r in results if r.error]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"fold {fold}: every trial failed; first error: {errors[0]}")

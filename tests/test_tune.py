@@ -49,6 +49,19 @@ def test_variants_are_config_changes(study_yaml):
         load_study_config(study_yaml, variant="best")
 
 
+def test_every_shipped_study_config_loads():
+    from pathlib import Path
+
+    from matxfer.data import TASKS
+
+    folder = Path(__file__).parents[1] / "tune_configs"
+    tasks = set()
+    for path in folder.glob("*.yaml"):
+        if path.name != "quickstart_train.yaml":
+            tasks.add(load_study_config(path).run.data.task)
+    assert tasks == set(TASKS)
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"folds": [0, 7]}, "folds must be distinct values in 0-4"),
     ({"num_samples": 0}, "num_samples"),
@@ -116,3 +129,52 @@ def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
     expected_mae = abs(truth - np.arange(len(test2))).mean()
     assert record.results["fold_2"]["scores"]["mae"] == pytest.approx(expected_mae)
     assert json.loads(path.read_text())["@class"] == "MatbenchBenchmark"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
+    """Ctrl-C (SIGINT) the driver after its first trial finished; rerunning the same command
+    finishes the study and leaves the finished trial untouched."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        "folds: [0]\nnum_samples: 3\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
+        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
+    experiment = tmp_path / "ray" / "matbench_jdft2d-main-fold0"
+
+    def finished_trials() -> dict[str, str]:
+        done = {}
+        for path in experiment.glob("_trial_*/result.json"):
+            text = path.read_text()
+            if text.count("\n") >= 2:  # both epochs reported
+                done[path.parent.name] = text
+        return done
+
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while not finished_trials() and time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+    first = finished_trials()
+    assert len(first) == 1, "the first trial did not finish in time"
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=180)
+    assert driver.returncode == 130, err[-2000:]
+    assert "rerun the same command to resume" in err
+    assert not (tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = json.loads((tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0" /
+                         "result.json").read_text())
+    assert result["n_trials"] == 3
+    (name, text), = first.items()
+    assert (experiment / name / "result.json").read_text() == text  # not run again
+    assert len(list(experiment.glob("_trial_*"))) == 3
