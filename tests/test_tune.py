@@ -160,8 +160,10 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
 
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
-    while not finished_trials() and time.time() < deadline and driver.poll() is None:
-        time.sleep(1)
+    # with one trial at a time, a second trial folder means the first one has terminated
+    while (len(list(experiment.glob("_trial_*"))) < 2 and time.time() < deadline
+           and driver.poll() is None):
+        time.sleep(0.5)
     first = finished_trials()
     assert len(first) == 1, "the first trial did not finish in time"
     driver.send_signal(signal.SIGINT)
