@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gloo CPU workers even if the YAML asks for GPUs")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
+    pred = sub.add_parser("predict", help="predict new structures with fine-tuned model(s)")
+    pred.add_argument("--model", required=True,
+                      help="checkpoint file/folder, registered name@alias, or name (ensemble)")
+    pred.add_argument("files", nargs="+", help="CIF, POSCAR, extxyz or pymatgen JSON files")
+    pred.add_argument("--out", help="CSV file (default: standard output)")
+    pred.add_argument("--batch-size", type=int, default=32)
+
     data = sub.add_parser("data", help="inspect Matbench tasks")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     folds = data_sub.add_parser("folds", help="official fold sizes (or ids with --json)")
@@ -94,6 +101,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from matxfer.predict import predict_files
+
+    table = predict_files(args.model, args.files, args.batch_size)
+    for row in table[table["error"] != ""].itertuples():
+        print(f"matxfer: skipped {row.file}: {row.error}", file=sys.stderr)
+    good = table[table["error"] == ""]
+    if good.empty:
+        raise UserError(f"nothing could be predicted from {len(table)} file(s)")
+    if args.out:
+        table.to_csv(args.out, index=False)
+    else:
+        print(table.to_csv(index=False), end="")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from matxfer.data import N_FOLDS, TASKS, get_task, official_fold
 
@@ -116,7 +139,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "predict": cmd_predict,
+                "data": cmd_data}[args.command](args)
     except UserError as err:
         print(f"matxfer: error: {err}", file=sys.stderr)
         return 2

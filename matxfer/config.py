@@ -191,6 +191,15 @@ class AshaSettings(_Strict):
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
+class TrackingSettings(_Strict):
+    """MLflow: uri None -> MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = Field(None, description="default: the task name")
+    register_model: bool = Field(True, description="register each fold's model as matxfer-<task>")
+
+
 class StudyConfig(_Strict):
     """A hyperparameter study per fold of one task: the run template plus the search."""
 
@@ -205,6 +214,7 @@ class StudyConfig(_Strict):
     seed: int = 0
     storage_path: str = Field("runs/ray", description="Ray results: local folder, NFS or s3://")
     output_dir: str = Field("runs/studies", description="per-task summaries and records")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")
     def _valid_folds(self) -> StudyConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,70 @@ def _trial(params: dict, study_json: str, fold: int) -> None:
                    callbacks=[TuneReportCallback()])
 
 
+HISTORY_KEYS = ("lr", "train_loss", "task_loss", "l2sp_term", "bss_term", "seconds",
+                "structures_per_s", "best_val")
+
+
+class TrialLogger(tune.Callback):
+    """Live MLflow logging from the driver: one child run per trial under the fold's parent,
+    per-epoch metrics (history.csv names), then the learning-curve PNG and best checkpoint."""
+
+    def __init__(self, tracker, parent_id: str, study: StudyConfig, fold: int) -> None:
+        self.tracker, self.parent_id, self.study, self.fold = tracker, parent_id, study, fold
+        self.metric = f"val_{get_task(study.run.data.task).metric}"
+        self.runs: dict[str, str] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.checkpoints: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its run config; the client stays behind
+        return {**self.__dict__, "tracker": None}
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            cfg = trial_run_config(self.study, self.fold, trial.config)
+            run_id = self.tracker.start_run(
+                f"trial-{trial.trial_id}", {"mlflow.parentRunId": self.parent_id},
+                ("matxfer.trial_id", f"{study_name(self.study, self.fold)}/{trial.trial_id}"))
+            self.tracker.log_params(run_id, {
+                "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
+                "bss_k": cfg.regularizers.bss_k, "lr": cfg.train.lr,
+                "backbone_lr": cfg.train.backbone_lr, "init": cfg.model.init,
+                "pooling": cfg.model.pooling, "seed": cfg.train.seed,
+                "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+                "workers": self.study.scaling.num_workers, "fold": self.fold})
+            self.runs[trial.trial_id] = run_id
+        return self.runs[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        keys = (*HISTORY_KEYS, self.metric)
+        metrics = {k: result[k] for k in keys if k in result}
+        self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
+        self.history.setdefault(trial.trial_id, []).append(
+            {"epoch": result.get("epoch", 0), **metrics})
+        if result.get("checkpoint_path"):
+            self.checkpoints[trial.trial_id] = result["checkpoint_path"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from matxfer.tracking import learning_curve_png
+
+        run_id = self._run_id(trial)
+        history = pd.DataFrame(self.history.get(trial.trial_id, []))
+        with tempfile.TemporaryDirectory() as tmp:
+            files: dict = {"history.csv": history}
+            if len(history):
+                files["learning_curve.png"] = learning_curve_png(
+                    history, Path(tmp) / "learning_curve.png", self.metric)
+            self.tracker.log_files(run_id, files)
+        ckpt = self.checkpoints.get(trial.trial_id)
+        if ckpt and Path(ckpt, CHECKPOINT_FILE).is_file():
+            self.tracker.log_files(run_id, {CHECKPOINT_FILE: Path(ckpt, CHECKPOINT_FILE)},
+                                   "best_checkpoint")
+        self.tracker.end_run(run_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.tracker.end_run(self._run_id(trial), "FAILED")
+
+
 def study_name(study: StudyConfig, fold: int) -> str:
     return f"{study.run.data.task}-{study.name}-fold{fold}"
 
@@ -100,14 +165,16 @@ def storage_uri(study: StudyConfig) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def make_tuner(study: StudyConfig, fold: int) -> tune.Tuner:
+def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> tune.Tuner:
     """A new Tuner for one fold, or the interrupted one restored (finished trials kept)."""
     trainable = tune.with_resources(
         tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold),
         {"cpu": 0.01})
     path = os.path.join(storage_uri(study), study_name(study, fold))
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = callbacks  # callbacks are not persisted
+        return tuner
     spec = get_task(study.run.data.task)
     mode = "max" if spec.kind == "classification" else "min"
     has_space = any(getattr(study.search, n) is not None for n in SEARCHED)
@@ -130,7 +197,7 @@ def make_tuner(study: StudyConfig, fold: int) -> tune.Tuner:
         tune_config=tune.TuneConfig(search_alg=search_alg,
                                     scheduler=scheduler, num_samples=study.num_samples,
                                     max_concurrent_trials=study.max_concurrent_trials),
-        run_config=tune.RunConfig(name=study_name(study, fold),
+        run_config=tune.RunConfig(name=study_name(study, fold), callbacks=callbacks,
                                   storage_path=storage_uri(study), verbose=0),
     )
 
@@ -208,13 +275,62 @@ def build_graph_cache(study: StudyConfig) -> None:
                 study.run.data.cache_dir, study.run.data.data_dir)
 
 
-def run_fold(study: StudyConfig, fold: int) -> dict:
+def open_parent_run(tracker, study: StudyConfig, fold: int) -> str:
+    """The fold's parent run (reused when the study resumes), with the search space."""
+    from matxfer.data import data_source_id
+    from matxfer.model import resolve_model_path
+    from matxfer.tracking import reproducibility_tags
+
+    task = study.run.data.task
+    tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
+                                data_source_id(task, study.run.data.data_dir))
+    tags.update({"variant": study.name, "fold": str(fold)})
+    run_id = tracker.start_run(study_name(study, fold), tags,
+                               ("matxfer.study", study_name(study, fold)))
+    tracker.log_params(run_id, {
+        "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,
+        "init": study.run.model.init, "pooling": study.run.model.pooling,
+        "epochs": study.run.train.epochs, "batch_size": study.run.train.batch_size,
+        "workers": study.scaling.num_workers, "fold": fold, "variant": study.name})
+    return run_id
+
+
+def log_fold_result(tracker, parent_id: str, study: StudyConfig, fold: int, outcome: dict):
+    """Best parameters, test metric and files on the parent run; register the fold's model."""
+    record = outcome["record"]
+    spec = get_task(study.run.data.task)
+    tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
+    metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}
+    tracker.log_metrics(parent_id, metrics, step=0)
+    files = {k: v for k, v in outcome["files"].items() if k != "checkpoint.pt"}
+    tracker.log_files(parent_id, files)
+    folder = fold_dir(study, fold)
+    tracker.log_files(parent_id, {"checkpoint.pt": folder / "checkpoint.pt"}, "best_model")
+    if study.tracking.register_model:
+        name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
+        tracker.register(parent_id, name, f"fold{fold}", "best_model")
+    tracker.end_run(parent_id)
+
+
+def make_tracker(study: StudyConfig):
+    from matxfer.tracking import Tracker, check_reachable, resolve_tracking_uri
+
+    if not study.tracking.enabled:
+        return None
+    uri = resolve_tracking_uri(study.tracking.uri)
+    check_reachable(uri)
+    return Tracker(uri, study.tracking.experiment or study.run.data.task)
+
+
+def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
     """One fold's study (resumed if interrupted), then the single test evaluation."""
     done = fold_dir(study, fold) / "result.json"
     if done.exists():
         print(f"fold {fold}: finished earlier, skipping ({done})")
         return json.loads(done.read_text())
-    results = make_tuner(study, fold).fit()
+    parent_id = open_parent_run(tracker, study, fold) if tracker else None
+    callbacks = [TrialLogger(tracker, parent_id, study, fold)] if tracker else []
+    results = make_tuner(study, fold, callbacks).fit()
     finished = results.num_terminated + results.num_errors
     if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
         raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "
@@ -223,7 +339,11 @@ def run_fold(study: StudyConfig, fold: int) -> dict:
     if errors and len(errors) == len(results):
         raise RuntimeError(f"fold {fold}: every trial failed; first error: {errors[0]}")
     outcome = evaluate_best(study, fold, results)
+    if tracker:
+        outcome["record"]["mlflow_run_id"] = parent_id  # the dict is also result.json's content
     write_outputs(fold_dir(study, fold), outcome["files"])
+    if tracker:
+        log_fold_result(tracker, parent_id, study, fold, outcome)
     return outcome["record"]
 
 
@@ -285,10 +405,28 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     """All requested folds of one task, then the per-task summary."""
     if study.scaling.use_gpu and not torch.cuda.is_available() and not address:
         raise UserError("scaling.use_gpu is true but this machine has no CUDA device")
+    tracker = make_tracker(study)  # an unreachable server fails here, before any training
     build_graph_cache(study)
     init_ray(address)
-    records = [run_fold(study, fold) for fold in study.folds]
-    return summarize(study, records)
+    records = [run_fold(study, fold, tracker) for fold in study.folds]
+    table = summarize(study, records)
+    if tracker:
+        log_summary(tracker, study, table)
+    return table
+
+
+def log_summary(tracker, study: StudyConfig, table: pd.DataFrame) -> None:
+    """The per-task summary (and Matbench record, when complete) on every fold's parent run."""
+    out = Path(study.output_dir) / study.run.data.task / study.name
+    files = {p.name: p for p in out.glob("summary.*")}
+    if (out / "matbench_results.json").exists():
+        files["matbench_results.json"] = out / "matbench_results.json"
+    for fold in table["fold"]:
+        run_id = tracker.find_run("matxfer.study", study_name(study, fold))
+        if run_id:
+            tracker.log_files(run_id, files)
+    print(f"MLflow: {tracker.uri}  experiment {tracker.experiment_id} "
+          f"(training runs: #/experiments/{tracker.experiment_id}/runs)")
 
 
 def format_summary(table: pd.DataFrame, study: StudyConfig) -> str:

@@ -16,6 +16,7 @@ def study_yaml(tmp_path):
     path.write_text(
         "folds: [0]\nnum_samples: 2\nmax_concurrent_trials: 1\n"
         f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
         "scaling: {num_workers: 2, cpus_per_worker: 1}\n"
         "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
         "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
@@ -145,6 +146,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     cfg.write_text(
         "folds: [0]\nnum_samples: 3\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
         f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
         "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
         "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
     command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
@@ -180,3 +182,10 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     (name, text), = first.items()
     assert (experiment / name / "result.json").read_text() == text  # not run again
     assert len(list(experiment.glob("_trial_*"))) == 3
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("matbench_jdft2d").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) - len(children) == 1  # the resumed study reused its parent run
+    assert len({r.data.tags["matxfer.trial_id"] for r in children}) == len(children) == 3

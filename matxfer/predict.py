@@ -1,0 +1,144 @@
+"""Fine-tuned model(s) -> predictions for new structures (CIF, POSCAR, extxyz, pymatgen JSON).
+
+`--model` is a checkpoint file or folder, a registered model with an alias (`name@fold0`), or a
+registered model name alone: then every `fold*` alias is loaded and the ensemble's mean and
+standard deviation are reported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from matxfer.config import RunConfig, UserError
+from matxfer.graphs import GraphSet, collate, structure_graph
+from matxfer.model import PropertyModel, TargetScaler, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class Predictor:
+    model: PropertyModel
+    scaler: TargetScaler
+    cfg: RunConfig
+    task: str
+
+
+def load_predictor(path: Path) -> Predictor:
+    """A fine-tuned PropertyModel from a matxfer checkpoint file (or a folder holding one)."""
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = RunConfig.model_validate(payload["config"])
+    except Exception as err:
+        raise UserError(f"{str(path)!r} is not a matxfer checkpoint ({err})") from None
+    model = build_model(cfg.model)
+    model.load_state_dict(payload["model_state"])
+    model.eval()
+    return Predictor(model, TargetScaler.from_state(payload["scaler"]), cfg, payload["task"])
+
+
+def resolve_models(ref: str) -> list[Path]:
+    """Local checkpoint, `name@alias`, or `name` (all fold aliases) -> checkpoint paths."""
+    if Path(ref).exists():
+        return [Path(ref)]
+    import mlflow
+    from mlflow import MlflowClient
+
+    from matxfer.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    name, _, alias = ref.partition("@")
+    try:
+        aliases = [alias] if alias else sorted(
+            a for a in MlflowClient().get_registered_model(name).aliases if a.startswith("fold"))
+        if not aliases:
+            raise UserError(f"registered model {name!r} has no fold aliases")
+        return [Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{a}")) for a in aliases]
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"--model {ref!r}: not a checkpoint path nor a registered model "
+                        f"({str(err).splitlines()[0][:200]})") from None
+
+
+def read_structure(path: Path):
+    """A pymatgen Structure from CIF, POSCAR/CONTCAR/.vasp, extxyz/.xyz or pymatgen JSON."""
+    from pymatgen.core import Structure
+
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return Structure.from_dict(json.loads(path.read_text()))
+    if suffix in (".extxyz", ".xyz"):
+        from ase.io import read
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return AseAtomsAdaptor.get_structure(read(path, format="extxyz"))
+    return Structure.from_file(path)
+
+
+def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet | None, list]:
+    """Graphs of every readable file; per-file errors are collected, not raised."""
+    rows, errors = [], []
+    for path in files:
+        try:
+            structure = read_structure(path)
+            if len(structure) == 0:
+                raise ValueError("no atoms")
+            rows.append((path, structure, structure_graph(structure, path.name, z_table, cutoff)))
+        except Exception as err:
+            errors.append({"file": str(path), "formula": "", "error": one_line(err)})
+    if not rows:
+        return None, errors
+    parts = [r[2] for r in rows]
+    graphs = GraphSet(
+        ids=[str(r[0]) for r in rows], targets=np.zeros(len(rows)),
+        n_atoms=torch.tensor([len(p[0]) for p in parts]),
+        n_edges=torch.tensor([p[2].shape[1] for p in parts]),
+        species=torch.from_numpy(np.concatenate([p[0] for p in parts])),
+        positions=torch.from_numpy(np.concatenate([p[1] for p in parts])).to(dtype),
+        edge_index=torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1)).long(),
+        shifts=torch.from_numpy(np.concatenate([p[3] for p in parts])).to(dtype),
+        z_table=tuple(z_table))
+    graphs.formulas = [r[1].composition.reduced_formula for r in rows]
+    return graphs, errors
+
+
+def one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return (first if isinstance(err, UserError) else f"{type(err).__name__}: {first}")[:300]
+
+
+@torch.no_grad()
+def predict_graphs(predictor: Predictor, graphs: GraphSet, batch_size: int = 32) -> np.ndarray:
+    out = []
+    for start in range(0, len(graphs), batch_size):
+        batch = collate(graphs, list(range(start, min(len(graphs), start + batch_size))))
+        pred, _ = predictor.model(batch)
+        out.append(predictor.scaler.decode(pred.double()))
+    return torch.cat(out).numpy()
+
+
+def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.DataFrame:
+    """One row per file: file, formula, prediction (task units), std (ensembles), error."""
+    predictors = [load_predictor(p) for p in resolve_models(model_ref)]
+    first = predictors[0].model.backbone
+    graphs, errors = prepare([Path(f) for f in files], [int(z) for z in first.atomic_numbers],
+                             float(first.r_max), next(first.parameters()).dtype)
+    table = pd.DataFrame(errors, columns=["file", "formula", "error"])
+    if graphs is not None:
+        preds = np.stack([predict_graphs(p, graphs, batch_size) for p in predictors])
+        good = pd.DataFrame({"file": graphs.ids, "formula": graphs.formulas,
+                             "prediction": preds.mean(0), "error": ""})
+        if len(predictors) > 1:
+            good["std"] = preds.std(0)
+        table = pd.concat([good, table], ignore_index=True)
+    table.attrs["task"] = predictors[0].task
+    return table

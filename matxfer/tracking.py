@@ -1,0 +1,197 @@
+"""MLflow: experiments, parent/child runs, artifacts, the model registry. No Ray here.
+
+One experiment per task; one parent run per (task, fold) study; one child run per trial
+(tag mlflow.parentRunId). Calls go through `Tracker.call`, which retries with back-off, and
+per-epoch metrics are buffered while the server is unreachable, so a restarted tracking server
+loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from matxfer import __version__
+from matxfer.config import UserError
+
+DEFAULT_DB = "mlflow.db"
+LOCAL_ARTIFACTS = "mlruns"
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Configured URI, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (UserError, exit 2) when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                        f"(mlflow_server/start.sh) or unset the tracking URI") from None
+    raise UserError(f"MLflow tracking server {uri} answered /health with an error")
+
+
+@lru_cache(maxsize=8)
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def reproducibility_tags(task: str, model_path: Path, data_source: str) -> dict[str, str]:
+    import mace
+    import ray
+    import torch
+
+    return {"git_commit": git_commit(), "matxfer_version": __version__,
+            "data_sha256": data_source, "model_sha256": file_sha256(str(model_path)),
+            "ray_version": ray.__version__, "torch_version": torch.__version__,
+            "mace_version": getattr(mace, "__version__", "unknown"), "task": task}
+
+
+def learning_curve_png(history: pd.DataFrame, path: Path, metric: str) -> Path:
+    """Train loss and validation metric (top), weighted regulariser terms (bottom) vs epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
+    top.plot(history["epoch"], history["task_loss"], "x--", label="task loss")
+    twin = top.twinx()
+    twin.plot(history["epoch"], history[metric], "s-", color="C3", label=metric)
+    twin.set_ylabel(metric)
+    top.set_ylabel("loss (standardised)")
+    top.legend(loc="upper left")
+    twin.legend(loc="upper right")
+    bottom.plot(history["epoch"], history["l2sp_term"], "o-", label="λ·L2-SP")
+    bottom.plot(history["epoch"], history["bss_term"], "x-", label="η·BSS")
+    bottom.set_xlabel("epoch")
+    bottom.set_ylabel("weighted term")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class Tracker:
+    """A thin, retrying wrapper over MlflowClient for one experiment."""
+
+    def __init__(self, uri: str, experiment: str, retries: int = 8, backoff_s: float = 2.0):
+        from mlflow import MlflowClient
+
+        self.uri, self.retries, self.backoff_s = uri, retries, backoff_s
+        self.client = MlflowClient(tracking_uri=uri)
+        existing = self.call(self.client.get_experiment_by_name, experiment)
+        self.experiment_id = existing.experiment_id if existing else self.call(
+            self.client.create_experiment, experiment)
+        self.pending: dict[str, list] = {}
+
+    def call(self, fn: Callable, *args, _retries: int | None = None, **kwargs) -> Any:
+        """Run an MLflow call, retrying with exponential back-off while the server is away."""
+        retries = self.retries if _retries is None else _retries
+        for attempt in range(retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                if attempt == retries:
+                    raise
+                time.sleep(min(60.0, self.backoff_s * 2 ** attempt))
+
+    def find_run(self, tag: str, value: str) -> str | None:
+        runs = self.call(self.client.search_runs, [self.experiment_id],
+                         filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def start_run(self, name: str, tags: dict[str, str], key: tuple[str, str]) -> str:
+        """Create a run, or reuse the one carrying tag key=value (resumed studies)."""
+        found = self.find_run(*key)
+        if found:
+            return found
+        run = self.call(self.client.create_run, self.experiment_id, run_name=name,
+                        tags={**tags, key[0]: key[1]})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        self.call(self.client.log_batch, run_id, params=items)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Buffered: on failure the metrics wait and go out with the next successful call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.setdefault(run_id, []).extend(
+            Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool))
+        try:
+            self.flush(run_id, retries=0)
+        except Exception:
+            pass  # kept in self.pending; flushed later
+
+    def flush(self, run_id: str, retries: int | None = None) -> None:
+        batch = self.pending.get(run_id, [])
+        while batch:
+            self.call(self.client.log_batch, run_id, metrics=batch[:1000], _retries=retries)
+            del batch[:1000]
+
+    def log_files(self, run_id: str, files: dict[str, Any], artifact_path: str | None = None):
+        """Write {name: DataFrame | dict | bytes-path} to a temp folder and log them."""
+        import json
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                target = Path(tmp) / name
+                if isinstance(content, pd.DataFrame):
+                    content.to_csv(target, index=False)
+                elif isinstance(content, dict):
+                    target.write_text(json.dumps(content, indent=2, default=str))
+                else:
+                    target.write_bytes(Path(content).read_bytes())
+            self.call(self.client.log_artifacts, run_id, tmp, artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush(run_id)
+        self.call(self.client.set_terminated, run_id, status)
+
+    def register(self, run_id: str, model_name: str, alias: str, artifact_path: str) -> int:
+        """Register the run's artifact folder as a version of `model_name`, tagged `alias`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.call(self.client.get_registered_model, model_name)
+        except MlflowException:
+            self.call(self.client.create_registered_model, model_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.call(self.client.create_model_version, model_name, source, run_id)
+        self.call(self.client.set_registered_model_alias, model_name, alias, version.version)
+        return int(version.version)

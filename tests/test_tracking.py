@@ -1,0 +1,152 @@
+"""MLflow: a real tracking server subprocess on a free loopback port, SQLite behind it."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from matxfer.config import UserError
+from matxfer.tracking import Tracker, check_reachable
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    subprocess.run(["pkill", "-f", "--", f"--port {proc.args[5]}"], check=False)  # app workers
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    proc = start_server(tmp_path / "server", port)
+    yield f"http://127.0.0.1:{port}", proc, tmp_path / "server", port
+    stop_server(proc)
+
+
+def test_unreachable_server_is_a_user_error_before_any_training(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):
+        check_reachable(uri, timeout=2)
+    from matxfer.cli import main
+
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"folds: [0]\noutput_dir: {tmp_path / 'studies'}\n"
+                   f"storage_path: {tmp_path / 'ray'}\ntracking: {{uri: '{uri}'}}\n")
+    assert main(["tune", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "is unreachable" in err and err.count("\n") == 1
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_is_down_are_not_lost(server):
+    uri, proc, folder, port = server
+    tracker = Tracker(uri, "restart-test", retries=2, backoff_s=0.2)
+    run_id = tracker.start_run("r", {}, ("matxfer.study", "restart"))
+    tracker.log_metrics(run_id, {"val_mae": 1.0}, step=1)
+    stop_server(proc)
+    tracker.log_metrics(run_id, {"val_mae": 2.0}, step=2)  # buffered, does not raise
+    assert tracker.pending[run_id]
+    restarted = start_server(folder, port)
+    try:
+        tracker.log_metrics(run_id, {"val_mae": 3.0}, step=3)
+        history = tracker.client.get_metric_history(run_id, "val_mae")
+        assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    finally:
+        stop_server(restarted)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tmp_path,
+                                                                     monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+    from pymatgen.core import Lattice, Structure
+
+    from matxfer.config import load_study_config
+    from matxfer.tune import run_study
+
+    uri = server[0]
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        "folds: [0]\nnum_samples: 2\nmax_concurrent_trials: 2\nasha: {enabled: false}\n"
+        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        f"tracking: {{uri: '{uri}', experiment: http-test}}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    try:
+        run_study(load_study_config(cfg))
+    finally:
+        ray.shutdown()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("http-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.tags["model_sha256"] and parent.data.tags["git_commit"]
+    for child in children:
+        assert child.data.params["init"] == "pretrained"
+        history = client.get_metric_history(child.info.run_id, "val_mae")
+        assert len(history) == 2  # epochs run (ASHA off)
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"learning_curve.png", "history.csv", "best_checkpoint"} <= names
+    ckpt_dir = client.download_artifacts(children[0].info.run_id, "best_checkpoint",
+                                         str(tmp_path / "dl"))
+    payload = torch.load(Path(ckpt_dir) / "checkpoint.pt", weights_only=False)
+    assert payload["task"] == "matbench_jdft2d" and "model_state" in payload
+    assert client.get_registered_model("matxfer-matbench_jdft2d").aliases == {"fold0": "1"}
+
+    structure = Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    structure.to(filename=str(tmp_path / "nacl.cif"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "pred.csv"
+    proc = subprocess.run([sys.executable, "-m", "matxfer.cli", "predict", "--model",
+                           "matxfer-matbench_jdft2d@fold0", str(tmp_path / "nacl.cif"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert table.loc[0, "formula"] == "NaCl" and table.loc[0, "prediction"] > 0
+    result = json.loads((tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0" /
+                         "result.json").read_text())
+    assert result["mlflow_run_id"] == parent.info.run_id
