@@ -25,6 +25,9 @@ from matxfer import __version__
 from matxfer.config import UserError
 
 DEFAULT_DB = "mlflow.db"
+# answers that retrying cannot change (anything else may be a server that is restarting)
+PERMANENT = {"RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_PARAMETER_VALUE",
+             "PERMISSION_DENIED", "UNAUTHENTICATED"}
 LOCAL_ARTIFACTS = "mlruns"
 
 
@@ -116,12 +119,15 @@ class Tracker:
 
     def call(self, fn: Callable, *args, _retries: int | None = None, **kwargs) -> Any:
         """Run an MLflow call, retrying with exponential back-off while the server is away."""
+        from mlflow.exceptions import MlflowException
+
         retries = self.retries if _retries is None else _retries
         for attempt in range(retries + 1):
             try:
                 return fn(*args, **kwargs)
-            except Exception:
-                if attempt == retries:
+            except Exception as err:
+                definite = isinstance(err, MlflowException) and err.error_code in PERMANENT
+                if definite or attempt == retries:
                     raise
                 time.sleep(min(60.0, self.backoff_s * 2 ** attempt))
 
