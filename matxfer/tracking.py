@@ -110,6 +110,10 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, retries: int = 8, backoff_s: float = 2.0):
         from mlflow import MlflowClient
 
+        # MLflow's HTTP layer would retry a dead server for minutes per call, stalling the
+        # study; fail fast there and let `call` and the metric buffer handle the outage.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri, self.retries, self.backoff_s = uri, retries, backoff_s
         self.client = MlflowClient(tracking_uri=uri)
         existing = self.call(self.client.get_experiment_by_name, experiment)

@@ -9,8 +9,8 @@
 #   basic-auth  SQLite backend behind MLflow's basic-auth app; needs MLFLOW_ADMIN_PASSWORD;
 #               clients set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
 #
-# Environment: HOST (127.0.0.1), PORT (5000), DATA_DIR (mlflow_server/data), MLFLOW (mlflow
-# executable, default .venv/bin/mlflow). Point matxfer at it with
+# Environment: HOST (127.0.0.1), PORT (5000), WORKERS (2), DATA_DIR (mlflow_server/data),
+# MLFLOW (mlflow executable, default .venv/bin/mlflow). Point matxfer at it with
 #   export MLFLOW_TRACKING_URI=http://127.0.0.1:$PORT
 set -euo pipefail
 MODE=${1:-sqlite}
@@ -20,7 +20,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${DATA_DIR:-$ROOT/mlflow_server/data}
 MLFLOW=${MLFLOW:-$ROOT/.venv/bin/mlflow}
 mkdir -p "$DATA_DIR/artifacts"
-ARGS=(--host "$HOST" --port "$PORT" --artifacts-destination "$DATA_DIR/artifacts"
+ARGS=(--host "$HOST" --port "$PORT" --workers "${WORKERS:-2}"
+      --artifacts-destination "$DATA_DIR/artifacts"
       --allowed-hosts "$HOST:$PORT,localhost:$PORT,127.0.0.1:$PORT")
 
 case "$MODE" in
@@ -34,9 +35,9 @@ case "$MODE" in
     pg_ctlcluster --help >/dev/null 2>&1 && service postgresql start >/dev/null || true
     as_pg() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtAc \"$1\""; }
     if [ -z "$(as_pg "SELECT 1 FROM pg_roles WHERE rolname='$PGUSER_NAME'")" ]; then
-      su postgres -c "psql -v ON_ERROR_STOP=1 -q" <<SQL
-CREATE ROLE $PGUSER_NAME LOGIN PASSWORD '$MATXFER_PG_PASSWORD';
-SQL
+      # the password goes through stdin, never onto a command line
+      printf "CREATE ROLE %s LOGIN PASSWORD '%s';\n" "$PGUSER_NAME" "$MATXFER_PG_PASSWORD" \
+        | su postgres -c "psql -v ON_ERROR_STOP=1 -q"
     fi
     if [ -z "$(as_pg "SELECT 1 FROM pg_database WHERE datname='$PGDB'")" ]; then
       as_pg "CREATE DATABASE $PGDB OWNER $PGUSER_NAME"
@@ -48,7 +49,7 @@ SQL
       --backend-store-uri "postgresql+psycopg2://$PGUSER_NAME@127.0.0.1:5432/$PGDB" "${ARGS[@]}"
     ;;
   basic-auth)
-    : "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD (the admin user's password)}"
+    : "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD (password of the admin user)}"
     cat > "$DATA_DIR/basic_auth.ini" <<INI
 [mlflow]
 default_permission = READ

@@ -1,6 +1,7 @@
 """MLflow: a real tracking server subprocess on a free loopback port, SQLite behind it."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from matxfer.config import UserError
 from matxfer.tracking import Tracker, check_reachable
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+START_SCRIPT = Path(__file__).parents[1] / "mlflow_server" / "start.sh"
 
 
 def free_port() -> int:
@@ -24,11 +26,12 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """The project's own start script, sqlite mode, on a free loopback port."""
+    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "DATA_DIR": str(folder),
+           "MLFLOW": MLFLOW}
+    proc = subprocess.Popen(["bash", str(START_SCRIPT), "sqlite"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.port = port
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -47,7 +50,7 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    subprocess.run(["pkill", "-f", "--", f"--port {proc.args[5]}"], check=False)  # app workers
+    subprocess.run(["pkill", "-f", "--", f"--port {proc.port}"], check=False)  # app workers
 
 
 @pytest.fixture
@@ -76,6 +79,7 @@ def test_unreachable_server_is_a_user_error_before_any_training(tmp_path, capsys
 @pytest.mark.slow
 def test_metrics_logged_while_the_server_is_down_are_not_lost(server):
     uri, proc, folder, port = server
+    assert (folder / "mlflow.db").exists()  # the start script's SQLite store
     tracker = Tracker(uri, "restart-test", retries=2, backoff_s=0.2)
     run_id = tracker.start_run("r", {}, ("matxfer.study", "restart"))
     tracker.log_metrics(run_id, {"val_mae": 1.0}, step=1)
