@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 
 from matxfer import __version__
-from matxfer.config import UserError
+from matxfer.config import StudyConfig, UserError
+from matxfer.data import get_task
 
 DEFAULT_DB = "mlflow.db"
 # answers that retrying cannot change (anything else may be a server that is restarting)
@@ -205,3 +206,61 @@ class Tracker:
         version = self.call(self.client.create_model_version, model_name, source, run_id)
         self.call(self.client.set_registered_model_alias, model_name, alias, version.version)
         return int(version.version)
+
+
+def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str) -> str:
+    """The fold's parent run (reused when the study resumes), with the search space."""
+    from matxfer.data import data_source_id
+    from matxfer.model import resolve_model_path
+
+    task = study.run.data.task
+    tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
+                                data_source_id(task, study.run.data.data_dir))
+    tags.update({"variant": study.name, "fold": str(fold)})
+    run_id = tracker.start_run(name, tags, ("matxfer.study", name))
+    tracker.log_params(run_id, {
+        "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,
+        "init": study.run.model.init, "pooling": study.run.model.pooling,
+        "epochs": study.run.train.epochs, "batch_size": study.run.train.batch_size,
+        "workers": study.scaling.num_workers, "fold": fold, "variant": study.name})
+    return run_id
+
+
+def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: int,
+                    outcome: dict, folder: Path) -> None:
+    """Best parameters, test metric and files on the parent run; register the fold's model."""
+    record = outcome["record"]
+    spec = get_task(study.run.data.task)
+    tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
+    metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}
+    tracker.log_metrics(parent_id, metrics, step=0)
+    files = {k: v for k, v in outcome["files"].items() if k != "checkpoint.pt"}
+    tracker.log_files(parent_id, files)
+    tracker.log_files(parent_id, {"checkpoint.pt": folder / "checkpoint.pt"}, "best_model")
+    if study.tracking.register_model:
+        name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
+        tracker.register(parent_id, name, f"fold{fold}", "best_model")
+    tracker.end_run(parent_id)
+
+
+def make_tracker(study: StudyConfig) -> Tracker | None:
+    """The study's tracker, or None when tracking is off; an unreachable server fails here."""
+    if not study.tracking.enabled:
+        return None
+    uri = resolve_tracking_uri(study.tracking.uri)
+    check_reachable(uri)
+    return Tracker(uri, study.tracking.experiment or study.run.data.task)
+
+
+def log_summary(tracker: Tracker, study: StudyConfig, run_names: list[str]) -> None:
+    """The per-task summary (and Matbench record, when complete) on every fold's parent run."""
+    out = Path(study.output_dir) / study.run.data.task / study.name
+    files = {p.name: p for p in out.glob("summary.*")}
+    if (out / "matbench_results.json").exists():
+        files["matbench_results.json"] = out / "matbench_results.json"
+    for name in run_names:
+        run_id = tracker.find_run("matxfer.study", name)
+        if run_id:
+            tracker.log_files(run_id, files)
+    print(f"MLflow: {tracker.uri}  experiment {tracker.experiment_id} "
+          f"(training runs: #/experiments/{tracker.experiment_id}/runs)")

@@ -25,6 +25,7 @@ from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.run import write_outputs
+from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
 from matxfer.train import predict, score
 
 SEARCHED = ("l2sp", "bss", "lr")
@@ -275,60 +276,13 @@ def build_graph_cache(study: StudyConfig) -> None:
                 study.run.data.cache_dir, study.run.data.data_dir)
 
 
-def open_parent_run(tracker, study: StudyConfig, fold: int) -> str:
-    """The fold's parent run (reused when the study resumes), with the search space."""
-    from matxfer.data import data_source_id
-    from matxfer.model import resolve_model_path
-    from matxfer.tracking import reproducibility_tags
-
-    task = study.run.data.task
-    tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
-                                data_source_id(task, study.run.data.data_dir))
-    tags.update({"variant": study.name, "fold": str(fold)})
-    run_id = tracker.start_run(study_name(study, fold), tags,
-                               ("matxfer.study", study_name(study, fold)))
-    tracker.log_params(run_id, {
-        "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,
-        "init": study.run.model.init, "pooling": study.run.model.pooling,
-        "epochs": study.run.train.epochs, "batch_size": study.run.train.batch_size,
-        "workers": study.scaling.num_workers, "fold": fold, "variant": study.name})
-    return run_id
-
-
-def log_fold_result(tracker, parent_id: str, study: StudyConfig, fold: int, outcome: dict):
-    """Best parameters, test metric and files on the parent run; register the fold's model."""
-    record = outcome["record"]
-    spec = get_task(study.run.data.task)
-    tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
-    metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}
-    tracker.log_metrics(parent_id, metrics, step=0)
-    files = {k: v for k, v in outcome["files"].items() if k != "checkpoint.pt"}
-    tracker.log_files(parent_id, files)
-    folder = fold_dir(study, fold)
-    tracker.log_files(parent_id, {"checkpoint.pt": folder / "checkpoint.pt"}, "best_model")
-    if study.tracking.register_model:
-        name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
-        tracker.register(parent_id, name, f"fold{fold}", "best_model")
-    tracker.end_run(parent_id)
-
-
-def make_tracker(study: StudyConfig):
-    from matxfer.tracking import Tracker, check_reachable, resolve_tracking_uri
-
-    if not study.tracking.enabled:
-        return None
-    uri = resolve_tracking_uri(study.tracking.uri)
-    check_reachable(uri)
-    return Tracker(uri, study.tracking.experiment or study.run.data.task)
-
-
 def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
     """One fold's study (resumed if interrupted), then the single test evaluation."""
     done = fold_dir(study, fold) / "result.json"
     if done.exists():
         print(f"fold {fold}: finished earlier, skipping ({done})")
         return json.loads(done.read_text())
-    parent_id = open_parent_run(tracker, study, fold) if tracker else None
+    parent_id = open_parent_run(tracker, study, fold, study_name(study, fold)) if tracker else None
     callbacks = [TrialLogger(tracker, parent_id, study, fold)] if tracker else []
     results = make_tuner(study, fold, callbacks).fit()
     finished = results.num_terminated + results.num_errors
@@ -343,7 +297,7 @@ def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
         outcome["record"]["mlflow_run_id"] = parent_id  # the dict is also result.json's content
     write_outputs(fold_dir(study, fold), outcome["files"])
     if tracker:
-        log_fold_result(tracker, parent_id, study, fold, outcome)
+        log_fold_result(tracker, parent_id, study, fold, outcome, fold_dir(study, fold))
     return outcome["record"]
 
 
@@ -411,22 +365,8 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     records = [run_fold(study, fold, tracker) for fold in study.folds]
     table = summarize(study, records)
     if tracker:
-        log_summary(tracker, study, table)
+        log_summary(tracker, study, [study_name(study, f) for f in table["fold"]])
     return table
-
-
-def log_summary(tracker, study: StudyConfig, table: pd.DataFrame) -> None:
-    """The per-task summary (and Matbench record, when complete) on every fold's parent run."""
-    out = Path(study.output_dir) / study.run.data.task / study.name
-    files = {p.name: p for p in out.glob("summary.*")}
-    if (out / "matbench_results.json").exists():
-        files["matbench_results.json"] = out / "matbench_results.json"
-    for fold in table["fold"]:
-        run_id = tracker.find_run("matxfer.study", study_name(study, fold))
-        if run_id:
-            tracker.log_files(run_id, files)
-    print(f"MLflow: {tracker.uri}  experiment {tracker.experiment_id} "
-          f"(training runs: #/experiments/{tracker.experiment_id}/runs)")
 
 
 def format_summary(table: pd.DataFrame, study: StudyConfig) -> str:
@@ -440,4 +380,3 @@ def format_summary(table: pd.DataFrame, study: StudyConfig) -> str:
     values = table[metric].to_numpy()
     lines.append(f"mean ± std over {len(values)} fold(s): {values.mean():.4f} ± {values.std():.4f}")
     return "\n".join(lines)
-
