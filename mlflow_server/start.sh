@@ -32,7 +32,8 @@ case "$MODE" in
     : "${MATXFER_PG_PASSWORD:?set MATXFER_PG_PASSWORD (the database password)}"
     PGDB=${PGDB:-matxfer}; PGUSER_NAME=${PGUSER_NAME:-matxfer}
     command -v psql >/dev/null || { echo "install PostgreSQL: apt-get install -y postgresql" >&2; exit 2; }
-    pg_ctlcluster --help >/dev/null 2>&1 && service postgresql start >/dev/null || true
+    if ! pg_isready -q -h 127.0.0.1; then service postgresql start >/dev/null; fi
+    for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 && break; sleep 1; done
     as_pg() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtAc \"$1\""; }
     if [ -z "$(as_pg "SELECT 1 FROM pg_roles WHERE rolname='$PGUSER_NAME'")" ]; then
       # the password goes through stdin, never onto a command line
