@@ -154,3 +154,38 @@ def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tm
     result = json.loads((tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0" /
                          "result.json").read_text())
     assert result["mlflow_run_id"] == parent.info.run_id
+
+
+@pytest.mark.slow
+def test_postgres_mode_creates_its_database_and_stores_runs(tmp_path):
+    """mlflow_server/start.sh postgres against Debian's PostgreSQL (.ci/run installs it)."""
+    import shutil
+
+    if shutil.which("psql") is None or os.geteuid() != 0:
+        pytest.skip("needs Debian's postgresql and root (installed by .ci/run)")
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "DATA_DIR": str(tmp_path),
+           "MLFLOW": MLFLOW, "MATXFER_PG_PASSWORD": "ci-only-password",
+           "PGDB": "matxfer_test", "PGUSER_NAME": "matxfer_test"}
+    proc = subprocess.Popen(["bash", str(START_SCRIPT), "postgres"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.port = port
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "start.sh postgres exited"
+                time.sleep(1)
+        tracker = Tracker(f"http://127.0.0.1:{port}", "pg-test")
+        run_id = tracker.start_run("r", {}, ("matxfer.study", "pg"))
+        tracker.log_metrics(run_id, {"val_mae": 1.5}, step=1)
+        rows = subprocess.run(["su", "postgres", "-c",
+                               "psql -qtAc 'select count(*) from runs' matxfer_test"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert int(rows) >= 1  # the run lives in PostgreSQL, not in a SQLite file
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        stop_server(proc)
