@@ -88,6 +88,12 @@ def build_graph_set(
     for mbid, structure in tqdm(list(zip(ids, structures)), desc="building graphs",
                                 unit="struct", disable=not progress):
         parts.append(structure_graph(structure, mbid, z_table, cutoff))
+    return graph_set_from_parts(ids, parts, targets, z_table, dtype)
+
+
+def graph_set_from_parts(ids: Sequence[str], parts: list, targets: np.ndarray,
+                         z_table: Sequence[int], dtype: torch.dtype) -> GraphSet:
+    """Concatenate per-structure `structure_graph` outputs into one GraphSet."""
     return GraphSet(
         ids=list(ids),
         targets=np.asarray(targets, dtype=np.float64),

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from matxfer.config import RunConfig, UserError
-from matxfer.graphs import GraphSet, collate, structure_graph
+from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
 from matxfer.model import PropertyModel, TargetScaler, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -96,16 +96,8 @@ def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet 
             errors.append({"file": str(path), "formula": "", "error": one_line(err)})
     if not rows:
         return None, errors
-    parts = [r[2] for r in rows]
-    graphs = GraphSet(
-        ids=[str(r[0]) for r in rows], targets=np.zeros(len(rows)),
-        n_atoms=torch.tensor([len(p[0]) for p in parts]),
-        n_edges=torch.tensor([p[2].shape[1] for p in parts]),
-        species=torch.from_numpy(np.concatenate([p[0] for p in parts])),
-        positions=torch.from_numpy(np.concatenate([p[1] for p in parts])).to(dtype),
-        edge_index=torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1)).long(),
-        shifts=torch.from_numpy(np.concatenate([p[3] for p in parts])).to(dtype),
-        z_table=tuple(z_table))
+    graphs = graph_set_from_parts([str(r[0]) for r in rows], [r[2] for r in rows],
+                                  np.zeros(len(rows)), z_table, dtype)
     graphs.formulas = [r[1].composition.reduced_formula for r in rows]
     return graphs, errors
 
