@@ -247,9 +247,17 @@ def make_tracker(study: StudyConfig) -> Tracker | None:
     """The study's tracker, or None when tracking is off; an unreachable server fails here."""
     if not study.tracking.enabled:
         return None
+    from mlflow.exceptions import MlflowException
+
     uri = resolve_tracking_uri(study.tracking.uri)
     check_reachable(uri)
-    return Tracker(uri, study.tracking.experiment or study.run.data.task)
+    try:
+        return Tracker(uri, study.tracking.experiment or study.run.data.task)
+    except MlflowException as err:
+        if err.error_code not in {"UNAUTHENTICATED", "PERMISSION_DENIED"}:
+            raise
+        raise UserError(f"MLflow tracking server {uri} refused the request ({err.error_code}); "
+                        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
 
 
 def log_summary(tracker: Tracker, study: StudyConfig, run_names: list[str]) -> None:

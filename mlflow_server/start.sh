@@ -51,6 +51,10 @@ case "$MODE" in
     ;;
   basic-auth)
     : "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD (password of the admin user)}"
+    if [ ${#MLFLOW_ADMIN_PASSWORD} -lt 12 ]; then
+      echo "MLFLOW_ADMIN_PASSWORD has ${#MLFLOW_ADMIN_PASSWORD} characters; MLflow needs at least 12" >&2
+      exit 2
+    fi
     cat > "$DATA_DIR/basic_auth.ini" <<INI
 [mlflow]
 default_permission = READ
@@ -60,6 +64,13 @@ admin_password = $MLFLOW_ADMIN_PASSWORD
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
     chmod 600 "$DATA_DIR/basic_auth.ini"
+    # Flask's CSRF key: kept with the data so that restarts and several workers agree
+    if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+      [ -s "$DATA_DIR/flask_secret" ] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 \
+        | tr -d ' \n' > "$DATA_DIR/flask_secret")
+      MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$DATA_DIR/flask_secret")
+      export MLFLOW_FLASK_SERVER_SECRET_KEY
+    fi
     export MLFLOW_AUTH_CONFIG_PATH=$DATA_DIR/basic_auth.ini
     exec "$MLFLOW" server --app-name basic-auth \
       --backend-store-uri "sqlite:///$DATA_DIR/mlflow.db" "${ARGS[@]}"

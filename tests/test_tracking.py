@@ -25,11 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    """The project's own start script, sqlite mode, on a free loopback port."""
+def start_server(folder: Path, port: int, mode: str = "sqlite", **env) -> subprocess.Popen:
+    """The project's own start script on a free loopback port."""
     env = {**os.environ, "PORT": str(port), "WORKERS": "1", "DATA_DIR": str(folder),
-           "MLFLOW": MLFLOW}
-    proc = subprocess.Popen(["bash", str(START_SCRIPT), "sqlite"], env=env,
+           "MLFLOW": MLFLOW, **env}
+    proc = subprocess.Popen(["bash", str(START_SCRIPT), mode], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.port = port
     deadline = time.time() + 120
@@ -189,3 +189,88 @@ def test_postgres_mode_creates_its_database_and_stores_runs(tmp_path):
         assert not (tmp_path / "mlflow.db").exists()
     finally:
         stop_server(proc)
+
+
+def tiny_study_yaml(tmp_path: Path, uri: str, epochs: int = 2, samples: int = 2) -> Path:
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        f"folds: [0]\nnum_samples: {samples}\nmax_concurrent_trials: 1\nasha: {{enabled: false}}\n"
+        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        f"tracking: {{uri: '{uri}', experiment: tiny}}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        f"  train: {{epochs: {epochs}, batch_size: 8}}\n  model: {{head_hidden: [32]}}\n")
+    return cfg
+
+
+@pytest.mark.slow
+def test_basic_auth_mode_needs_credentials(tmp_path, monkeypatch):
+    """start.sh basic-auth: the right user logs runs; without credentials `matxfer tune` stops
+    with one line, exit 2, before writing anything."""
+    password = "ci-only-password-1"
+    port = free_port()
+    proc = start_server(tmp_path / "server", port, "basic-auth", MLFLOW_ADMIN_PASSWORD=password)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        cfg = tiny_study_yaml(tmp_path, uri)
+        out = subprocess.run([sys.executable, "-m", "matxfer.cli", "tune", str(cfg)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "refused the request (UNAUTHENTICATED)" in out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert not (tmp_path / "studies").exists() and not (tmp_path / "ray").exists()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        tracker = Tracker(uri, "auth-test", retries=0)
+        run_id = tracker.start_run("r", {}, ("matxfer.study", "auth"))
+        tracker.log_metrics(run_id, {"val_mae": 1.0}, step=1)
+        assert tracker.client.get_metric_history(run_id, "val_mae")[0].value == 1.0
+        ini = tmp_path / "server" / "basic_auth.ini"  # holds the admin password: owner only
+        assert oct(ini.stat().st_mode)[-3:] == "600"
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_study_completes_across_a_tracking_server_restart(server, tmp_path):
+    """Stop the server after the first epoch metric lands, keep it down while the study trains,
+    restart it on the same port: the study ends 0 and every epoch of every trial is there."""
+    from mlflow import MlflowClient
+
+    uri, proc, folder, port = server
+    epochs = 3
+    cfg = tiny_study_yaml(tmp_path, uri, epochs=epochs)
+    driver = subprocess.Popen([sys.executable, "-m", "matxfer.cli", "tune", str(cfg)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+
+    def logged_epochs() -> int:
+        exp = client.get_experiment_by_name("tiny")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return sum(len(client.get_metric_history(r.info.run_id, "val_mae")) for r in runs
+                   if "mlflow.parentRunId" in r.data.tags)
+
+    deadline = time.time() + 400
+    while driver.poll() is None and time.time() < deadline and logged_epochs() == 0:
+        time.sleep(0.5)
+    assert driver.poll() is None, "the study ended before the server could be stopped"
+    stop_server(proc)
+    time.sleep(15)  # the study trains on with the server down
+    restarted = start_server(folder, port)
+    try:
+        _, err = driver.communicate(timeout=600)
+        assert driver.returncode == 0, err[-2000:]
+        exp = client.get_experiment_by_name("tiny")
+        runs = client.search_runs([exp.experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 2 and len(runs) == 3
+        for child in children:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_mae")]
+            assert sorted(steps) == list(range(1, epochs + 1))  # nothing lost, nothing doubled
+            assert child.info.status == "FINISHED"
+        parent, = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert parent.data.metrics["test_mae"] > 0
+    finally:
+        stop_server(restarted)

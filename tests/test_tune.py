@@ -104,6 +104,61 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
         assert again.iloc[0]["test_mae"] == table.iloc[0]["test_mae"]
     finally:
         ray.shutdown()
+    assert_mlflow_ui_shows_the_study(tmp_path / "mlflow.db", epochs=2, trials=2)
+
+
+def assert_mlflow_ui_shows_the_study(db, epochs: int, trials: int) -> None:
+    """`mlflow ui` on the study's SQLite store serves the page and, through the same REST API
+    the page uses, the parent run with its child runs and their per-epoch curves."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    ui = subprocess.Popen([mlflow, "ui", "--backend-store-uri", f"sqlite:///{db}",
+                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                page = urllib.request.urlopen(url + "/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert time.time() < deadline and ui.poll() is None, "mlflow ui did not start"
+                time.sleep(0.5)
+        assert "<html" in page.lower()
+        client = MlflowClient(url)
+        runs = client.search_runs([client.get_experiment_by_name("matbench_jdft2d").experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(parents) == 1 and len(children) == trials
+        lengths = set()
+        for child in children:  # ASHA may stop a trial early: every curve has its epochs
+            assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+            steps = {name: [m.step for m in client.get_metric_history(child.info.run_id, name)]
+                     for name in ("train_loss", "val_mae", "l2sp_term", "bss_term")}
+            first = sorted(steps["val_mae"])
+            assert first == list(range(1, len(first) + 1)) and first
+            assert all(sorted(v) == first for v in steps.values())
+            lengths.add(len(first))
+        assert max(lengths) == epochs
+    finally:
+        import os
+        import signal
+
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
 
 
 def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
