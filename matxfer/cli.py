@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", help="CSV file (default: standard output)")
     pred.add_argument("--batch-size", type=int, default=32)
 
+    add_analysis_parsers(sub)
+
     data = sub.add_parser("data", help="inspect Matbench tasks")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     folds = data_sub.add_parser("folds", help="official fold sizes (or ids with --json)")
@@ -74,6 +76,51 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("--json", action="store_true", help="print the fold ids as JSON")
     data_sub.add_parser("tasks", help="list the Matbench structure tasks")
     return parser
+
+
+def add_analysis_parsers(sub) -> None:
+    analyze = sub.add_parser("analyze", help="what transferred: layer-wise MI, weight drift")
+    kinds = analyze.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+    mi = kinds.add_parser("mi", help="TransRate of pretrained and random-twin features per layer")
+    mi.add_argument("--tasks", nargs="+", required=True)
+    mi.add_argument("--model", default="small", help="MACE model: 'small' or a file")
+    mi.add_argument("--pooling", default="mean", choices=["mean", "sum", "max", "mean+max"])
+    mi.add_argument("--bins", type=int, default=10, help="quantile bins of regression targets")
+    mi.add_argument("--eps2", type=float, default=1e-4, help="distortion ε²")
+    mi.add_argument("--max-structures", type=int, help="seeded subset per task (default all)")
+    mi.add_argument("--batch-size", type=int, default=64)
+    mi.add_argument("--out", default="runs/analysis/mi", help="output folder")
+    drift = kinds.add_parser("drift", help="weight drift and feature CKA of a fine-tuned model")
+    source = drift.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id (fold parent run or trial child run)")
+    source.add_argument("--checkpoint", help="matxfer checkpoint file or folder")
+    drift.add_argument("--max-structures", type=int, default=500,
+                       help="training-fold structures for CKA")
+    drift.add_argument("--out", help="output folder (default runs/analysis/drift-<name>)")
+    report = sub.add_parser("report", help="Table 1 and Figure 1 panels from MLflow runs")
+    report.add_argument("--experiment", nargs="+", required=True, help="MLflow experiment(s)")
+    report.add_argument("--tasks", nargs="+", help="rows of the table (default: tasks found)")
+    report.add_argument("--out", default="runs/report", help="output folder")
+    for parser in (mi, drift, report):
+        parser.add_argument("--tracking-uri", help="MLflow URI ('off': no logging; default: "
+                            "MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+        parser.add_argument("--experiment-name" if parser is not report else "--log-experiment",
+                            dest="log_experiment", default="matxfer-analysis",
+                            help="MLflow experiment the analysis run is logged to")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from matxfer.analysis import commands
+
+    print(commands.run_mi(args) if args.analysis == "mi" else commands.run_drift(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from matxfer.analysis import commands
+
+    print(commands.run_report(args))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -140,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "tune": cmd_tune, "predict": cmd_predict,
-                "data": cmd_data}[args.command](args)
+                "analyze": cmd_analyze, "report": cmd_report, "data": cmd_data}[args.command](args)
     except UserError as err:
         print(f"matxfer: error: {err}", file=sys.stderr)
         return 2

@@ -104,6 +104,8 @@ def write_outputs(out: Path, files: dict[str, object]) -> None:
             path = stage / name
             if isinstance(content, pd.DataFrame):
                 content.to_csv(path, index=False)
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
             elif name.endswith(".json"):
                 path.write_text(json.dumps(content, indent=2) + "\n")
             elif name.endswith(".yaml"):

@@ -232,6 +232,7 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
     record = outcome["record"]
     spec = get_task(study.run.data.task)
     tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
+    tracker.call(tracker.client.set_tag, parent_id, "best_trial", str(record.get("trial_id")))
     metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}
     tracker.log_metrics(parent_id, metrics, step=0)
     files = {k: v for k, v in outcome["files"].items() if k != "checkpoint.pt"}

@@ -1,0 +1,1 @@
+"""What transferred: layer-wise mutual information (TransRate), weight drift, and the report."""

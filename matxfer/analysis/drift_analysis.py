@@ -1,0 +1,106 @@
+"""`matxfer analyze drift`: how far a fine-tuned model moved from its starting weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from matxfer.analysis.drift import element_drift, element_rows, group_drift, linear_cka
+from matxfer.analysis.features import pooled_features
+from matxfer.analysis.figures import drift_bars
+from matxfer.config import UserError
+from matxfer.data import official_fold, subset_ids
+from matxfer.graphs import task_graphs
+from matxfer.model import PropertyModel, build_model
+from matxfer.predict import CHECKPOINT_FILE, load_predictor
+
+
+def mace_element_rows(model: PropertyModel):
+    """rows_of(name, tensor) -> [n_elements, -1] for MACE's per-element weights, else None:
+    symmetric contractions (element axis first), the one-hot embedding (element-major flat) and
+    the skip tensor product with the one-hot node attributes (element axis = input 2)."""
+    n = len(model.backbone.atomic_numbers)
+
+    def rows_of(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        rows = element_rows(tensor, n)
+        if rows is not None:
+            return rows
+        if name.endswith("node_embedding.linear.weight"):
+            return tensor.reshape(n, -1)
+        if name.endswith("skip_tp.weight"):
+            module = model.get_submodule(name.removesuffix(".weight"))
+            views = [v.transpose(0, 1).reshape(n, -1) for v in module.weight_views(tensor)]
+            return torch.cat(views, dim=1)
+        return None
+
+    return rows_of
+
+
+def checkpoint_from_run(run_id: str, tracking_uri: str | None, into: Path) -> Path:
+    """Download the run's checkpoint: `best_model/` of a fold's parent run or
+    `best_checkpoint/` of a trial's child run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from matxfer.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    try:
+        names = {a.path for a in client.list_artifacts(run_id)}
+    except MlflowException as err:
+        raise UserError(f"--run {run_id!r}: {err.message.splitlines()[0]}") from None
+    folder = next((f for f in ("best_model", "best_checkpoint") if f in names), None)
+    if folder is None:
+        raise UserError(f"--run {run_id!r} holds no best_model/ or best_checkpoint/ artifact")
+    return Path(client.download_artifacts(run_id, f"{folder}/{CHECKPOINT_FILE}", str(into)))
+
+
+def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64) -> dict:
+    """Drift per module group, per-element drift over the task's elements, and per-layer CKA of
+    pooled features before/after fine-tuning on (a seeded subset of) the fold's training set."""
+    tuned = load_predictor(checkpoint)
+    cfg = tuned.cfg
+    start = build_model(cfg.model)  # the same seeded start: pretrained (or random twin) + head
+    names = [n for n, p in start.named_parameters() if p.requires_grad]
+    state, state0 = tuned.model.state_dict(), start.state_dict()
+    bb = start.backbone
+    graphs = task_graphs(cfg.data.task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+                         next(bb.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir,
+                         progress=False)
+    present = sorted(int(s) for s in torch.unique(graphs.species))
+    train_ids, _ = official_fold(cfg.data.task, cfg.data.fold)
+    keep = subset_ids(train_ids, max_structures) or set(train_ids)
+    rows = graphs.positions_of([i for i in train_ids if i in keep])
+    before = pooled_features(start, graphs, rows, batch_size)
+    after = pooled_features(tuned.model, graphs, rows, batch_size)
+    groups = group_drift(state, state0, names)
+    per_element = element_drift(state, state0, names, mace_element_rows(start), present)
+    result = {
+        "task": cfg.data.task, "fold": cfg.data.fold, "init": cfg.model.init,
+        "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
+        "drift": groups, "element_drift": per_element,
+        "elements_present": [int(bb.atomic_numbers[i]) for i in present],
+        "cka": {layer: linear_cka(before[layer], after[layer]) for layer in before},
+        "cka_structures": len(rows),
+    }
+    title = f"{cfg.data.task} fold {cfg.data.fold} ({cfg.model.init})"
+    return {"result": result, "png": drift_bars(groups, per_element, title)}
+
+
+def drift_outputs(result: dict) -> dict:
+    return {"drift.json": result["result"], "drift.png": result["png"]}
+
+
+def describe(result: dict) -> str:
+    """A short text summary for the terminal."""
+    r = result["result"]
+    lines = [f"{r['task']} fold {r['fold']} ({r['init']}): relative drift ‖θ−θ0‖/‖θ0‖"]
+    for group, value in r["drift"].items():
+        extra = r["element_drift"].get(group)
+        extra_text = f"   elements in task: {extra:.4g}" if extra is not None else ""
+        lines.append(f"  {group:16s} {value:.4g}{extra_text}")
+    lines.append("  linear CKA before/after: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in r["cka"].items()))
+    return "\n".join(lines)
+

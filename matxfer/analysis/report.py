@@ -1,0 +1,135 @@
+"""`matxfer report`: the paper's Table 1 and Figure 1 panels from the MLflow runs of studies.
+
+Table 1 per task: Matbench #1, MACE-RI (variant random-init), MACE-MP-0 without regularisers
+(no-reg), MACE-MP-0 with searched L2-SP + BSS (main), JMP-S, and the relative improvements as
+the paper defines them: (RI − MP0)/RI for regression, (MP0 − RI)/RI for classification, and
+(JMP-S − MP0)/JMP-S. MP0 is the searched model. Tasks without runs show "-".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from matxfer.config import UserError
+from matxfer.data import get_task
+
+# published 5-fold means (Matbench v0.1 leaderboard; JMP-S from the JMP paper)
+MATBENCH_TOP = {"matbench_jdft2d": (33.19, "MODNet"), "matbench_phonons": (28.76, "MegNet"),
+                "matbench_dielectric": (0.2711, "MODNet")}
+JMP_S = {"matbench_jdft2d": 30.16, "matbench_phonons": 22.77, "matbench_dielectric": 0.252}
+VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
+                   "main": "MP0 (L2-SP+BSS)"}
+CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
+
+
+def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
+    """One row per fold parent run: task, variant, fold, test metric, run id, best trial."""
+    ids = []
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise UserError(f"--experiment {name!r} does not exist in the tracking store")
+        ids.append(exp.experiment_id)
+    rows = []
+    for run in client.search_runs(ids, filter_string="tags.variant != ''", max_results=5000):
+        tags, metrics = run.data.tags, run.data.metrics
+        if "mlflow.parentRunId" in tags or "task" not in tags:
+            continue
+        metric = f"test_{get_task(tags['task']).metric}"
+        if metric in metrics:
+            rows.append({"task": tags["task"], "variant": tags["variant"],
+                         "fold": int(tags["fold"]), "test": metrics[metric],
+                         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                         "best_trial": tags.get("best_trial", "")})
+    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cell(values: pd.Series) -> str:
+    if values.empty:
+        return "-"
+    std = float(values.std(ddof=0)) if len(values) > 1 else 0.0
+    return f"{values.mean():.4g} ± {std:.2g} ({len(values)})"
+
+
+def relative(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or not np.isfinite(a) or a == 0 else f"{(a - b) / a:+.1%}"
+
+
+def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Table 1 rows (strings, 'mean ± std (folds)'; '-' where there is nothing)."""
+    rows = []
+    for task in tasks:
+        spec = get_task(task)
+        part = runs[runs["task"] == task]
+        means = {v: part.loc[part["variant"] == v, "test"] for v in VARIANT_COLUMNS}
+        mean = {v: (float(s.mean()) if len(s) else None) for v, s in means.items()}
+        top = MATBENCH_TOP.get(task)
+        row = {"task": task, "metric": f"{spec.metric} [{spec.unit}]",
+               "Matbench #1": f"{top[0]} ({top[1]})" if top else "-"}
+        row.update({col: _cell(means[v]) for v, col in VARIANT_COLUMNS.items()})
+        row["JMP-S"] = str(JMP_S[task]) if task in JMP_S else "-"
+        ri, mp0 = mean["random-init"], mean["main"]
+        if spec.kind == "classification":  # higher is better: (MP0 − RI)/RI
+            row["MP0 vs RI"] = "-" if ri is None or mp0 is None else f"{(mp0 - ri) / ri:+.1%}"
+        else:
+            row["MP0 vs RI"] = relative(ri, mp0)
+        row["MP0 vs JMP-S"] = relative(JMP_S.get(task), mp0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_child_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch train/task loss and weighted regulariser terms of each fold's chosen trial."""
+    frames = []
+    for row in runs.itertuples():
+        children = client.search_runs(
+            [row.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{row.run_id}'")
+        chosen = [c for c in children
+                  if c.data.tags.get("matxfer.trial_id", "").endswith("/" + row.best_trial)]
+        if not chosen:
+            continue
+        curves = {}
+        for key in CURVE_KEYS:
+            for m in client.get_metric_history(chosen[0].info.run_id, key):
+                curves.setdefault(m.step, {})[key] = m.value
+        frame = pd.DataFrame([{"epoch": s, **v} for s, v in sorted(curves.items())])
+        frame = frame.reindex(columns=["epoch", *CURVE_KEYS])
+        frames.append(frame.assign(task=row.task, variant=row.variant, fold=row.fold))
+    columns = ["task", "variant", "fold", "epoch", *CURVE_KEYS]
+    return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.to_numpy()]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def build_report(experiments: list[str], tasks: list[str] | None,
+                 tracking_uri: str | None = None) -> dict[str, object]:
+    """The report's files: table1.md/.csv, runs.csv and the Figure 1 panels (PNG bytes)."""
+    from mlflow import MlflowClient
+
+    from matxfer.analysis import figures
+    from matxfer.tracking import check_reachable, resolve_tracking_uri
+
+    for task in tasks or []:
+        get_task(task)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    runs = collect_runs(client, experiments)
+    tasks = tasks or sorted(runs["task"].unique())
+    table = table1(runs, tasks)
+    curves = best_child_curves(client, runs)
+    return {
+        "table1.md": to_markdown(table).encode(), "table1.csv": table, "runs.csv": runs,
+        "figure1_training_loss.png": figures.curves_by_task(curves, ["train_loss"],
+                                                            "training loss"),
+        "figure1_fold_metrics.png": figures.fold_metrics(runs, "test metric"),
+        "figure1_regularizers.png": figures.curves_by_task(
+            curves[curves["variant"] == "main"], ["l2sp_term", "bss_term"], "weighted term"),
+    }
