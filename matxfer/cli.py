@@ -184,6 +184,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # MLflow announces creating/upgrading a SQLite store on stderr; errors stay one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "tune": cmd_tune, "predict": cmd_predict,

@@ -105,6 +105,33 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
     finally:
         ray.shutdown()
     assert_mlflow_ui_shows_the_study(tmp_path / "mlflow.db", epochs=2, trials=2)
+    assert_analysis_of_the_study(tmp_path)
+
+
+def assert_analysis_of_the_study(tmp_path) -> None:
+    """`matxfer analyze drift --run` logs on the fold's run; `matxfer report` writes Table 1."""
+    from mlflow import MlflowClient
+
+    from matxfer.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("matbench_jdft2d").experiment_id
+    parent, = [r for r in client.search_runs([exp]) if "mlflow.parentRunId" not in r.data.tags]
+    run_id = parent.info.run_id
+    assert main(["analyze", "drift", "--run", run_id, "--tracking-uri", uri,
+                 "--max-structures", "16", "--out", str(tmp_path / "drift")]) == 0
+    assert {a.path for a in client.list_artifacts(run_id, "analysis")} == {
+        "analysis/drift.json", "analysis/drift.png"}
+    assert main(["report", "--experiment", "matbench_jdft2d", "--tracking-uri", uri,
+                 "--tasks", "matbench_jdft2d", "matbench_phonons",
+                 "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table1.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| matbench_jdft2d")
+    assert "(1) |" in table[2] and table[3].count("| - ") >= 4  # phonons: no runs, dashes
+    for name in ("figure1_training_loss.png", "figure1_fold_metrics.png",
+                 "figure1_regularizers.png", "table1.csv", "runs.csv"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
 
 
 def assert_mlflow_ui_shows_the_study(db, epochs: int, trials: int) -> None:

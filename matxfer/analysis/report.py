@@ -8,6 +8,8 @@ the paper defines them: (RI − MP0)/RI for regression, (MP0 − RI)/RI for clas
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -120,6 +122,9 @@ def build_report(experiments: list[str], tasks: list[str] | None,
         get_task(task)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {uri}; pass --tracking-uri or run from the "
+                        f"folder holding mlflow.db")
     client = MlflowClient(uri)
     runs = collect_runs(client, experiments)
     tasks = tasks or sorted(runs["task"].unique())
