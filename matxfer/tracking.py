@@ -222,7 +222,8 @@ def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str) 
         "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,
         "init": study.run.model.init, "pooling": study.run.model.pooling,
         "epochs": study.run.train.epochs, "batch_size": study.run.train.batch_size,
-        "workers": study.scaling.num_workers, "fold": fold, "variant": study.name})
+        "workers": study.scaling.num_workers, "fold": fold, "variant": study.name,
+        "max_structures": study.run.data.max_structures})
     return run_id
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -102,5 +101,4 @@ def run_report(args: argparse.Namespace) -> str:
     files = build_report(args.experiment, args.tasks, args.tracking_uri)
     out = Path(args.out)
     write_outputs(out, files)
-    return files["table1.md"].decode() + f"\nwrote {out}: " + ", ".join(files) + \
-        f"\nsettings: {json.dumps({'experiments': args.experiment})}"
+    return files["table1.md"].decode() + f"\nwrote {out}: " + ", ".join(files)

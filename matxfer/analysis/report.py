@@ -43,16 +43,19 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
             rows.append({"task": tags["task"], "variant": tags["variant"],
                          "fold": int(tags["fold"]), "test": metrics[metric],
                          "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                         "best_trial": tags.get("best_trial", "")})
-    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial"]
+                         "best_trial": tags.get("best_trial", ""),
+                         "subset": run.data.params.get("max_structures", "None") != "None"})
+    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial",
+               "subset"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _cell(values: pd.Series) -> str:
+def _cell(values: pd.Series, subset: bool = False) -> str:
+    """'mean ± std (folds)'; '*' marks runs on a subset of the task (not comparable)."""
     if values.empty:
         return "-"
     std = float(values.std(ddof=0)) if len(values) > 1 else 0.0
-    return f"{values.mean():.4g} ± {std:.2g} ({len(values)})"
+    return f"{values.mean():.4g} ± {std:.2g} ({len(values)}{', subset*' if subset else ''})"
 
 
 def relative(a: float | None, b: float | None) -> str:
@@ -70,7 +73,9 @@ def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
         top = MATBENCH_TOP.get(task)
         row = {"task": task, "metric": f"{spec.metric} [{spec.unit}]",
                "Matbench #1": f"{top[0]} ({top[1]})" if top else "-"}
-        row.update({col: _cell(means[v]) for v, col in VARIANT_COLUMNS.items()})
+        subset = part.groupby("variant")["subset"].any() if "subset" in part else {}
+        row.update({col: _cell(means[v], bool(subset.get(v, False)))
+                    for v, col in VARIANT_COLUMNS.items()})
         row["JMP-S"] = str(JMP_S[task]) if task in JMP_S else "-"
         ri, mp0 = mean["random-init"], mean["main"]
         if spec.kind == "classification":  # higher is better: (MP0 − RI)/RI
