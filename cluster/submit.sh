@@ -14,10 +14,11 @@
 #                        (passed to the job when set; otherwise the image's defaults)
 #   NO_WAIT=1            return after submitting
 #   JOB_PYTHON           interpreter of the job on the head (default: python of the image)
+#   JOB_ID               submission id (default matxfer-<date>-<pid>)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RAY=${RAY:-$ROOT/.venv/bin/ray}
-: "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster's dashboard, e.g. http://127.0.0.1:8265}"
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of the cluster, e.g. http://127.0.0.1:8265}"
 export RAY_ADDRESS RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
 case "${1:-}" in
@@ -26,31 +27,27 @@ case "${1:-}" in
     exec "$RAY" job "$1" "$2"
     ;;
   ""|-h|--help)
-    sed -n 2,18p "$0"; exit 2
+    sed -n 2,19p "$0"; exit 2
     ;;
 esac
 CONFIG=$1; shift
 [ -f "$ROOT/$CONFIG" ] || [ -f "$CONFIG" ] || { echo "no study config '$CONFIG'" >&2; exit 2; }
 
 # the job's environment: tracking, data and weight locations; never the token
-ENV_JSON=$("$ROOT/.venv/bin/python" - <<'PY'
+ENV_JSON=$("$ROOT/.venv/bin/python" -c '
 import json, os
-keys = ("MLFLOW_TRACKING_URI", "MATMINER_DATA", "MATXFER_MODEL", "MATXFER_CACHE")
-env = {k: os.environ[k] for k in keys if os.environ.get(k)}
-env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
-print(json.dumps({"env_vars": env, "working_dir": ".",
+keys = ("MLFLOW_TRACKING_URI", "MATMINER_DATA", "MATXFER_MODEL", "MATXFER_CACHE", "RAY_AUTH_MODE")
+print(json.dumps({"env_vars": {k: os.environ[k] for k in keys if os.environ.get(k)},
+                  "working_dir": ".",
                   "excludes": [".venv", ".git", "runs", "mlruns", "mlflow.db", "benchmarks",
-                               "docs", "mlflow_server/data", "*.pt"]}))
-PY
-)
+                               "docs", "mlflow_server/data", "*.pt"]}))')
+JOB=${JOB_ID:-matxfer-$(date +%Y%m%d-%H%M%S)-$$}
 cd "$ROOT"
-JOB=$("$RAY" job submit --no-wait --runtime-env-json "$ENV_JSON" \
-        -- "${JOB_PYTHON:-python}" -m matxfer.cli tune "$CONFIG" "$@" 2>&1 | tee /dev/stderr \
-      | sed -n "s/.*Job '\([^']*\)' submitted successfully.*/\1/p" | head -1)
-[ -n "$JOB" ] || { echo "cluster/submit.sh: submission failed" >&2; exit 1; }
+"$RAY" job submit --no-wait --submission-id "$JOB" --runtime-env-json "$ENV_JSON" \
+  -- "${JOB_PYTHON:-python}" -m matxfer.cli tune "$CONFIG" "$@"
 echo "job: $JOB"
 [ "${NO_WAIT:-0}" = 1 ] && exit 0
 "$RAY" job logs --follow "$JOB" || true
-STATUS=$("$RAY" job status "$JOB" | sed -n "s/.*Status for job '[^']*': \([A-Z]*\).*/\1/p" | tail -1)
-echo "job $JOB: $STATUS"
+STATUS=$("$RAY" job status "$JOB" 2>&1 | grep -o -i -E "succeeded|failed|stopped" | tail -1 | tr a-z A-Z || true)
+echo "job $JOB: ${STATUS:-unknown}"
 [ "$STATUS" = SUCCEEDED ]

@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
@@ -25,9 +26,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _report_epoch(model, cfg: RunConfig, data, rank: int):
-    """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint on improvement."""
+    """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint on improvement.
+    Each report names the Ray node the worker runs on (which node ran a trial)."""
+    node_id = ray.get_runtime_context().get_node_id()
+
     def on_epoch(row: dict, result: TrainResult) -> None:
-        metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch}
+        metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch,
+                   "node_id": node_id}
         if rank != 0 or result.best_epoch != row["epoch"]:
             ray.train.report(metrics)
             return
