@@ -24,6 +24,9 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+bench: install
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check matxfer tests
 

@@ -54,6 +54,35 @@ def matxfer_pass(model, data, cfg, seed) -> float:
     return metrics["structures_per_s"]
 
 
+def measure(task: str = "matbench_phonons", structures: int = 320, repeats: int = 3,
+            batch_size: int = 16) -> dict:
+    """Both loops over the same batches, passes alternating; the result record."""
+    cfg = load_config(overrides={"data.task": task, "train.batch_size": batch_size,
+                                 "regularizers.l2sp": 1e-4, "regularizers.bss": 1e-3})
+    model = build_model(cfg.model)
+    data = prepare_fold(cfg, model, progress=False)
+    rows = data.rows["train"][:structures]
+    data.rows["train"] = rows
+    seed = cfg.train.seed * 100_003 + 1
+    warm = copy.deepcopy(model)
+    bare_pass(warm, data, cfg, rows[: 4 * batch_size], seed)  # TorchScript warm-up
+    bare, ours = [], []
+    for _ in range(repeats):
+        bare.append(bare_pass(copy.deepcopy(model), data, cfg, rows, seed))
+        ours.append(matxfer_pass(copy.deepcopy(model), data, cfg, seed))
+    return {
+        "benchmark": "training throughput, matxfer loop (L2-SP + BSS on) vs bare loop",
+        "command": f"python benchmarks/throughput.py --task {task} --structures {structures} "
+                   f"--repeats {repeats} --batch-size {batch_size}",
+        "task": task, "structures_per_pass": len(rows), "batch_size": batch_size,
+        "bare_structures_per_s": bare, "matxfer_structures_per_s": ours,
+        "ratio_best": max(ours) / max(bare),
+        "hardware": f"{platform.processor() or platform.machine()}, "
+                    f"{torch.get_num_threads()} torch threads, CPU, float32",
+        "torch": torch.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="matbench_phonons")
@@ -61,32 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-
-    cfg = load_config(overrides={"data.task": args.task, "train.batch_size": args.batch_size,
-                                 "regularizers.l2sp": 1e-4, "regularizers.bss": 1e-3})
-    model = build_model(cfg.model)
-    data = prepare_fold(cfg, model, progress=False)
-    rows = data.rows["train"][: args.structures]
-    data.rows["train"] = rows
-    seed = cfg.train.seed * 100_003 + 1
-    warm = copy.deepcopy(model)
-    bare_pass(warm, data, cfg, rows[: 4 * args.batch_size], seed)  # TorchScript warm-up
-    bare, ours = [], []
-    for _ in range(args.repeats):
-        bare.append(bare_pass(copy.deepcopy(model), data, cfg, rows, seed))
-        ours.append(matxfer_pass(copy.deepcopy(model), data, cfg, seed))
-    result = {
-        "benchmark": "training throughput, matxfer loop (L2-SP + BSS on) vs bare loop",
-        "command": f"python benchmarks/throughput.py --task {args.task} "
-                   f"--structures {args.structures} --repeats {args.repeats} "
-                   f"--batch-size {args.batch_size}",
-        "task": args.task, "structures_per_pass": len(rows), "batch_size": args.batch_size,
-        "bare_structures_per_s": bare, "matxfer_structures_per_s": ours,
-        "ratio_best": max(ours) / max(bare),
-        "hardware": f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} torch threads, CPU, float32",
-        "torch": torch.__version__,
-    }
+    result = measure(args.task, args.structures, args.repeats, args.batch_size)
     out = Path(__file__).parent / "results" / f"throughput_{args.task}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,294 @@
+"""The benchmark suite behind `make bench`: every figure is a ratio against a baseline measured
+in the same command, on this machine. Writes benchmarks/results/bench_*.json and the table
+between the bench markers of benchmarks/README.md.
+
+    .venv/bin/python benchmarks/suite.py [--quick]
+
+1. training throughput: matxfer loop (L2-SP + BSS on) vs the bare loop, same batches
+2. forward-only feature extraction (the MI path) vs MACE's own forward, same batches
+3. graph cache: build vs load of the same structures
+4. study overhead: trial training time vs the study's wall time (Ray, Tune, MLflow, test pass)
+5. memory: RSS of the dielectric graph cache, loaded and memory-mapped; mp_e_form projected
+6. projection of the full programme's wall time from the measured rates (derived)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+HARDWARE = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"{__import__('os').cpu_count()} cores, CPU, torch {torch.__version__}, float32")
+
+
+def _model_and_graphs(task: str):
+    from matxfer.config import ModelConfig
+    from matxfer.graphs import task_graphs
+    from matxfer.model import build_model
+
+    model = build_model(ModelConfig())
+    bb = model.backbone
+    graphs = task_graphs(task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+                         next(bb.parameters()).dtype, progress=False)
+    return model, graphs
+
+
+def forward_extraction(task: str, structures: int, batch_size: int = 64) -> dict:
+    """matxfer's pooled per-layer features vs MACE's forward (energies, no forces)."""
+    from matxfer.analysis.features import pooled_features
+    from matxfer.graphs import iterate_batches
+
+    model, graphs = _model_and_graphs(task)
+    rows = list(range(min(structures, len(graphs))))
+    pooled_features(model, graphs, rows[:batch_size], batch_size)  # TorchScript warm-up
+
+    def ours() -> float:
+        start = time.perf_counter()
+        pooled_features(model, graphs, rows, batch_size)
+        return len(rows) / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def mace() -> float:
+        start = time.perf_counter()
+        for batch in iterate_batches(graphs, rows, batch_size):
+            n_graphs = batch["ptr"].numel() - 1  # keys MACE reads but needs only for stress
+            batch["cell"] = torch.zeros(3 * n_graphs, 3, dtype=batch["positions"].dtype)
+            batch["unit_shifts"] = torch.zeros_like(batch["shifts"])
+            model.backbone(batch, training=False, compute_force=False)
+        return len(rows) / (time.perf_counter() - start)
+
+    mace()
+    a, b = [], []
+    for _ in range(2):
+        b.append(mace())
+        a.append(ours())
+    return {"task": task, "structures": len(rows), "batch_size": batch_size,
+            "matxfer_structures_per_s": a, "mace_forward_structures_per_s": b,
+            "ratio_best": max(a) / max(b)}
+
+
+def graph_cache(task: str, structures: int) -> dict:
+    """Building graphs (neighbour lists) vs loading the cached GraphSet of the same rows."""
+    from matxfer.data import load_task
+    from matxfer.graphs import build_graph_set, load_graph_set, save_graph_set
+    from matxfer.model import load_backbone
+
+    bb = load_backbone("small", "pretrained", 0, torch.float32)
+    df = load_task(task).iloc[:structures]
+    z_table, cutoff = [int(z) for z in bb.atomic_numbers], float(bb.r_max)
+    start = time.perf_counter()
+    graphs = build_graph_set(list(df.index), list(df["structure"]), df["target"].to_numpy(),
+                             z_table, cutoff, torch.float32, progress=False)
+    build_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.pt"
+        save_graph_set(graphs, path)
+        start = time.perf_counter()
+        load_graph_set(path)
+        load_s = time.perf_counter() - start
+        size = path.stat().st_size
+    return {"task": task, "structures": len(df), "build_structures_per_s": len(df) / build_s,
+            "load_structures_per_s": len(df) / load_s, "ratio_load_vs_build": build_s / load_s,
+            "bytes_per_structure": size / len(df)}
+
+
+def study_overhead(epochs: int = 2, structures: int = 48, trials: int = 2) -> dict:
+    """Sum of the trials' epoch times against the wall time of `run_study` (one trial at a
+    time): what Ray start-up, Tune, checkpoints, MLflow and the test pass cost on top."""
+    import ray
+
+    from matxfer.config import load_study_config
+    from matxfer.tune import run_study
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "study.yaml"
+        cfg.write_text(
+            f"folds: [0]\nnum_samples: {trials}\nmax_concurrent_trials: 1\n"
+            f"asha: {{enabled: false}}\nstorage_path: {tmp}/ray\noutput_dir: {tmp}/studies\n"
+            f"tracking: {{uri: 'sqlite:///{tmp}/mlflow.db'}}\n"
+            f"run:\n  data: {{task: matbench_jdft2d, max_structures: {structures}}}\n"
+            f"  train: {{epochs: {epochs}, batch_size: 8, threads: 2}}\n")
+        start = time.perf_counter()
+        try:
+            run_study(load_study_config(cfg))
+        finally:
+            ray.shutdown()
+        wall = time.perf_counter() - start
+        train_s = sum(json.loads(line)["seconds"]
+                      for path in Path(tmp, "ray").glob("*/_trial_*/result.json")
+                      for line in path.read_text().splitlines())
+    return {"trials": trials, "epochs": epochs, "structures": structures,
+            "study_wall_s": wall, "trial_training_s": train_s,
+            "ratio_training_vs_wall": train_s / wall}
+
+
+MEMORY_PROBE = """
+import json, resource, sys, torch
+from matxfer.graphs import load_graph_set
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
+base = rss()
+path = sys.argv[1]
+if sys.argv[2] == 'mmap':  # pages come from the file on demand and stay reclaimable
+    held = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    n = len(held['ids'])
+else:
+    held = load_graph_set(__import__('pathlib').Path(path))
+    n = len(held)
+print(json.dumps({'structures': n, 'rss_added': rss() - base}))
+"""
+
+
+def memory(task: str) -> dict:
+    """RSS added by holding the task's graph cache in memory, and memory-mapped from disk;
+    the mp_e_form (132,752 structures) figure is projected per structure (derived)."""
+    from matxfer.data import TASKS
+
+    _model_and_graphs(task)  # make sure the cache exists
+    from matxfer.graphs import default_cache_dir
+
+    path = max(default_cache_dir().glob(f"{task}-*.pt"), key=lambda p: p.stat().st_mtime)
+    probes = {}
+    for mode in ("load", "mmap"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), mode],
+                             capture_output=True, text=True, check=True)
+        probes[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    n = probes["load"]["structures"]
+    per = probes["load"]["rss_added"] / n
+    big = TASKS["matbench_mp_e_form"].size
+    return {"task": task, "structures": n, "file_bytes": path.stat().st_size,
+            "rss_added_loaded": probes["load"]["rss_added"],
+            "rss_added_mmap": probes["mmap"]["rss_added"],
+            "ratio_mmap_vs_loaded": probes["mmap"]["rss_added"] / probes["load"]["rss_added"],
+            "projected_mp_e_form_loaded_bytes": per * big,
+            "projection_note": "derived: dielectric's bytes per structure x 132,752"}
+
+
+def asha_epochs(max_epochs: int, grace: int, factor: float) -> float:
+    """Expected epochs per trial under synchronous successive halving (a lower bound for
+    Tune's asynchronous ASHA, which promotes earlier): rungs at grace·factor^k."""
+    total, reached, start, rung = 0.0, 1.0, 0, grace
+    while start < max_epochs:
+        end = min(rung, max_epochs)
+        total += (end - start) * reached
+        start, rung, reached = end, rung * factor, reached / factor
+    return total
+
+
+def projection(train_rate: float, forward_rate: float, trials: int = 20, epochs: int = 40,
+               gpu_rate: float = 600.0) -> dict:
+    """Wall time of 9 tasks x 5 folds x `trials` trials from the measured CPU rates (derived)
+    and an assumed per-GPU rate (an assumption until a GPU run replaces it)."""
+    from matxfer.config import AshaSettings
+    from matxfer.data import TASKS
+
+    asha = AshaSettings()
+    per_trial = {"no ASHA": float(epochs),
+                 "ASHA": asha_epochs(epochs, asha.grace_period, asha.reduction_factor)}
+    rows = []
+    for label, trial_epochs in per_trial.items():
+        # per fold: train 72% of the task, validate 8% every epoch, test 20% once
+        work = sum(5 * trials * trial_epochs * (0.72 * t.size / train_rate
+                                                + 0.08 * t.size / forward_rate)
+                   + 5 * 0.2 * t.size / forward_rate for t in TASKS.values())
+        cpu_h = work / 3600
+        gpu_h = cpu_h * train_rate / gpu_rate
+        rows.append({"schedule": label, "epochs_per_trial": round(trial_epochs, 2),
+                     "this_machine_hours": cpu_h, "gpu_hours": gpu_h,
+                     "wall_h_1_gpu": gpu_h, "wall_h_8_gpus": gpu_h / 8,
+                     "wall_h_64_gpus": gpu_h / 64})
+    return {"trials_per_fold": trials, "max_epochs": epochs, "gpu_rate_assumed": gpu_rate,
+            "train_rate_measured": train_rate, "forward_rate_measured": forward_rate,
+            "rows": rows}
+
+
+def markdown(results: dict, command: str) -> str:
+    t, f, g = results["throughput"], results["forward"], results["graph_cache"]
+    s, m, p = results["study"], results["memory"], results["projection"]
+    lines = [
+        f"Measured by `{command}` on {HARDWARE}.", "",
+        "| # | benchmark | measured | baseline (same command) | ratio |",
+        "| --- | --- | --- | --- | --- |",
+        f"| 1 | training, matxfer loop (L2-SP + BSS) | {max(t['matxfer_structures_per_s']):.1f} "
+        f"structures/s | bare loop {max(t['bare_structures_per_s']):.1f} | "
+        f"**{t['ratio_best']:.3f}** |",
+        f"| 2 | forward-only pooled features (MI path) | "
+        f"{max(f['matxfer_structures_per_s']):.1f} structures/s | MACE forward (energy) "
+        f"{max(f['mace_forward_structures_per_s']):.1f} | **{f['ratio_best']:.2f}** |",
+        f"| 3 | graph cache load | {g['load_structures_per_s']:.0f} structures/s | build "
+        f"{g['build_structures_per_s']:.0f} | **{g['ratio_load_vs_build']:.0f}x** faster |",
+        f"| 4 | study: trial training time | {s['trial_training_s']:.1f} s | study wall "
+        f"{s['study_wall_s']:.1f} s | **{s['ratio_training_vs_wall']:.2f}** |",
+        f"| 5 | RSS, {m['task']} graphs memory-mapped | {m['rss_added_mmap'] / 2**20:.0f} MiB | "
+        f"loaded {m['rss_added_loaded'] / 2**20:.0f} MiB ({m['structures']} structures) | "
+        f"**{m['ratio_mmap_vs_loaded']:.2f}** |", "",
+        f"Projected RSS of mp_e_form's graphs fully loaded: "
+        f"{m['projected_mp_e_form_loaded_bytes'] / 2**30:.1f} GiB (derived from {m['task']}'s "
+        f"bytes per structure).", "",
+        f"**Projection (derived)** of the full programme: 9 tasks x 5 folds x "
+        f"{p['trials_per_fold']} trials, up to {p['max_epochs']} epochs, from the measured "
+        f"training rate ({p['train_rate_measured']:.1f} structures/s) and forward rate "
+        f"({p['forward_rate_measured']:.1f}/s) of this machine; GPU rows assume "
+        f"{p['gpu_rate_assumed']:.0f} training structures/s per GPU (an assumption, not "
+        f"measured) and independent trials spread evenly over the GPUs.", "",
+        "| schedule | epochs/trial | this machine (h) | GPU-hours | 1 GPU (h) | 8 GPUs (h) | "
+        "64 GPUs (h) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in p["rows"]:
+        lines.append(f"| {r['schedule']} | {r['epochs_per_trial']} | "
+                     f"{r['this_machine_hours']:,.0f} | {r['gpu_hours']:,.0f} | "
+                     f"{r['wall_h_1_gpu']:,.0f} | {r['wall_h_8_gpus']:,.1f} | "
+                     f"{r['wall_h_64_gpus']:,.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(table: str) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text:
+        text += f"\n## `make bench`\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    import throughput
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller samples (about 5 min)")
+    args = parser.parse_args()
+    n = 96 if args.quick else 320
+    command = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    results = {
+        "throughput": throughput.measure("matbench_phonons", n, 2 if args.quick else 3),
+        "forward": forward_extraction("matbench_phonons", 2 * n),
+        "graph_cache": graph_cache("matbench_dielectric", n),
+        "study": study_overhead(),
+        "memory": memory("matbench_dielectric"),
+    }
+    results["projection"] = projection(max(results["throughput"]["matxfer_structures_per_s"]),
+                                       max(results["forward"]["matxfer_structures_per_s"]))
+    RESULTS.mkdir(exist_ok=True)
+    for name, result in results.items():
+        result = {**result, "command": command, "hardware": HARDWARE,
+                  "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        (RESULTS / f"bench_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(results, command)
+    write_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
