@@ -151,12 +151,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from matxfer.predict import predict_files
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     table = predict_files(args.model, args.files, args.batch_size)
-    for row in table[table["error"] != ""].itertuples():
+    bad, good = table[table["error"] != ""], table[table["error"] == ""]
+    if good.empty:  # one line: every file and why
+        reasons = "; ".join(f"{row.file}: {row.error}" for row in bad.itertuples())
+        raise UserError(f"nothing could be predicted from {len(table)} file(s): {reasons}")
+    for row in bad.itertuples():
         print(f"matxfer: skipped {row.file}: {row.error}", file=sys.stderr)
-    good = table[table["error"] == ""]
-    if good.empty:
-        raise UserError(f"nothing could be predicted from {len(table)} file(s)")
     if args.out:
         table.to_csv(args.out, index=False)
     else:

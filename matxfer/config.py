@@ -129,6 +129,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
         tree = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise UserError(f"config file {str(path)!r} is not a text file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -70,6 +70,15 @@ def resolve_models(ref: str) -> list[Path]:
 
 def read_structure(path: Path):
     """A pymatgen Structure from CIF, POSCAR/CONTCAR/.vasp, extxyz/.xyz or pymatgen JSON."""
+
+    import warnings
+
+    with warnings.catch_warnings():  # pymatgen warns about harmless CIF omissions on stderr
+        warnings.simplefilter("ignore")
+        return _read_structure(path)
+
+
+def _read_structure(path: Path):
     from pymatgen.core import Structure
 
     suffix = path.suffix.lower()
@@ -83,14 +92,37 @@ def read_structure(path: Path):
     return Structure.from_file(path)
 
 
+MIN_DISTANCE = 0.5  # Å: closer atoms are a broken file, not a material
+MAX_ATOMS = 2000
+MAX_CELL_LENGTH = 500.0  # Å
+
+
+def check_structure(structure) -> None:
+    """Refuse what no fine-tuned model can predict sensibly: empty or degenerate cells,
+    overlapping atoms, huge cells (ValueError with the reason)."""
+    n = len(structure)
+    if n == 0:
+        raise ValueError("no atoms")
+    if n > MAX_ATOMS:
+        raise ValueError(f"{n} atoms; at most {MAX_ATOMS} are allowed")
+    lengths = structure.lattice.abc
+    if structure.lattice.volume < 1e-3 or min(lengths) < 1e-3:
+        raise ValueError(f"degenerate cell (volume {structure.lattice.volume:.3g} Å³)")
+    if max(lengths) > MAX_CELL_LENGTH:
+        raise ValueError(f"cell vector of {max(lengths):.4g} Å; at most {MAX_CELL_LENGTH} Å")
+    centers, _, _, distances = structure.get_neighbor_list(MIN_DISTANCE)
+    if len(centers):
+        raise ValueError(f"atoms {distances.min():.3g} Å apart (overlapping; minimum "
+                         f"{MIN_DISTANCE} Å)")
+
+
 def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet | None, list]:
     """Graphs of every readable file; per-file errors are collected, not raised."""
     rows, errors = [], []
     for path in files:
         try:
             structure = read_structure(path)
-            if len(structure) == 0:
-                raise ValueError("no atoms")
+            check_structure(structure)
             rows.append((path, structure, structure_graph(structure, path.name, z_table, cutoff)))
         except Exception as err:
             errors.append({"file": str(path), "formula": "", "error": one_line(err)})

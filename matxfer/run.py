@@ -61,12 +61,22 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
                         f"or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder")
-    parent = out.parent if not out.exists() else out
-    probe = parent
+    check_writable(out, "--out")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """The nearest existing folder at or above `path` must be a writable folder."""
+    probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--out {str(out)!r} is not writable")
+    try:  # a real file, not os.access: root passes access() on read-only or virtual mounts
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {str(path)!r} is not writable ({str(probe)!r}: "
+                        f"{err.strerror})") from None
 
 
 def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_score: float,

@@ -359,6 +359,11 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     """All requested folds of one task, then the per-task summary."""
     if study.scaling.use_gpu and not torch.cuda.is_available() and not address:
         raise UserError("scaling.use_gpu is true but this machine has no CUDA device")
+    from matxfer.run import check_writable
+
+    check_writable(Path(study.output_dir), "output_dir")
+    if "://" not in study.storage_path:  # s3:// and friends are checked by Ray
+        check_writable(Path(study.storage_path), "storage_path")
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
     build_graph_cache(study)
     init_ray(address)
