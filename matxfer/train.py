@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +160,27 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
     return metrics
 
 
+FAULT_NAN_ONCE = "MATXFER_FAULT_NAN_ONCE"
+
+
+def injected_nan_fault(cfg: RunConfig) -> bool:
+    """Fault injection for the reliability tests: with MATXFER_FAULT_NAN_ONCE=<file>, the first
+    run to create <file> (and any retry of the same hyperparameters, as a real NaN would) sees
+    a NaN training loss in its first epoch."""
+    path = os.environ.get(FAULT_NAN_ONCE)
+    if not path:
+        return False
+    key = f"{cfg.regularizers.l2sp!r}/{cfg.regularizers.bss!r}/{cfg.train.lr!r}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return True
+    except FileExistsError:
+        with open(path) as fh:
+            return fh.read() == key
+
+
 def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1,
         on_epoch: Callable[[dict, TrainResult], None] | None = None,
@@ -180,10 +202,13 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     metric = f"val_{spec.metric}"
     result = TrainResult([], 0, -math.inf if spec.kind == "classification" else math.inf,
                          copy.deepcopy(raw.state_dict()))
+    nan_fault = rank == 0 and injected_nan_fault(cfg)
     for epoch in range(1, t.epochs + 1):
         row = {"epoch": epoch, "lr": optimizer.param_groups[1]["lr"]}
         row.update(train_epoch(model, objective, optimizer, scheduler, data, cfg, epoch,
                                device, rank, world_size))
+        if nan_fault:
+            row["train_loss"] = float("nan")
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
         row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device))

@@ -154,7 +154,12 @@ class TrialLogger(tune.Callback):
         self.tracker.end_run(run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.tracker.end_run(self._run_id(trial), "FAILED")
+        run_id = self._run_id(trial)
+        reason = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            reason = error_line(Exception(Path(trial.error_file).read_text()))
+        self.tracker.call(self.tracker.client.set_tag, run_id, "error", reason or "failed")
+        self.tracker.end_run(run_id, "FAILED")
 
 
 def study_name(study: StudyConfig, fold: int) -> str:
@@ -257,10 +262,24 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
 
 
 def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial that reported; failed trials carry their reason in `error`."""
     df = results.get_dataframe()
     keep = [c for c in df.columns if c.startswith("config/") or c in (
         "trial_id", "best_val", "best_epoch", "epoch", "training_iteration", "train_loss")]
-    return df[keep]
+    df = df[keep].assign(error="")
+    failed = pd.DataFrame([{"trial_id": r.metrics.get("trial_id") or Path(r.path).name,
+                            "error": error_line(r.error)} for r in results if r.error])
+    if len(failed):
+        df = pd.concat([df[~df["trial_id"].isin(failed["trial_id"])], failed],
+                       ignore_index=True)
+    return df
+
+
+def error_line(err: BaseException) -> str:
+    """The root cause of a failed trial in one line (Ray wraps it in several layers)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if "Error:" in ln and not ln.startswith("File ")]
+    return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
 
 
 def fold_dir(study: StudyConfig, fold: int) -> Path:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 BUILD = """
 import sys, torch
 from matxfer.graphs import task_graphs
@@ -45,3 +47,44 @@ def test_fault_truncated_checkpoint_is_refused_with_one_line(tmp_path, tiny_cfg,
     err = capsys.readouterr().err
     assert code == 2 and "is not a matxfer checkpoint" in err and err.count("\n") == 1
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, monkeypatch):
+    """Fault: the first trial's loss turns NaN (MATXFER_FAULT_NAN_ONCE). That trial fails with
+    the reason in trials.csv and on its MLflow run; the other trials and the test pass run."""
+    import json
+
+    import pandas as pd
+    import ray
+    from mlflow import MlflowClient
+
+    from matxfer.config import load_study_config
+    from matxfer.tune import run_study
+
+    monkeypatch.setenv("MATXFER_FAULT_NAN_ONCE", str(tmp_path / "nan-fault-fired"))
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        "folds: [0]\nnum_samples: 3\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
+        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    try:
+        run_study(load_study_config(cfg))
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "nan-fault-fired").exists()
+    fold = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
+    trials = pd.read_csv(fold / "trials.csv", keep_default_na=False)
+    failed = trials[trials["error"] != ""]
+    assert len(trials) == 3 and len(failed) == 1, trials.to_string()
+    assert "training loss became nan at epoch 1" in failed["error"].iloc[0]
+    assert json.loads((fold / "result.json").read_text())["test_mae"] > 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("matbench_jdft2d").experiment_id])
+    statuses = sorted(r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+    bad = [r for r in runs if r.info.status == "FAILED"][0]
+    assert "training loss became nan" in bad.data.tags["error"]
