@@ -48,3 +48,17 @@ def tiny_cfg():
         "data.task": "matbench_jdft2d", "data.max_structures": 40, "data.val_fraction": 0.2,
         "train.epochs": 2, "train.batch_size": 8, "train.threads": 2,
     })
+
+
+def write_study_yaml(folder, uri: str, samples: int = 2, concurrent: int = 1, epochs: int = 2,
+                     experiment: str | None = None):
+    """A tiny one-fold jdft2d study (40 structures, ASHA off) under `folder`, tracked at `uri`."""
+    tracking = f"{{uri: '{uri}'" + (f", experiment: {experiment}}}" if experiment else "}")
+    path = folder / "study.yaml"
+    path.write_text(
+        f"folds: [0]\nnum_samples: {samples}\nmax_concurrent_trials: {concurrent}\n"
+        f"asha: {{enabled: false}}\nstorage_path: {folder / 'ray'}\n"
+        f"output_dir: {folder / 'studies'}\ntracking: {tracking}\n"
+        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
+        f"  train: {{epochs: {epochs}, batch_size: 8}}\n  model: {{head_hidden: [32]}}\n")
+    return path

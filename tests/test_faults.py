@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_study_yaml
 
 BUILD = """
 import sys, torch
@@ -64,13 +65,7 @@ def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, 
     from matxfer.tune import run_study
 
     monkeypatch.setenv("MATXFER_FAULT_NAN_ONCE", str(tmp_path / "nan-fault-fired"))
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(
-        "folds: [0]\nnum_samples: 3\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
-        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
-        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
-        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
-        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3)
     try:
         run_study(load_study_config(cfg))
     finally:

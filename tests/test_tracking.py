@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_study_yaml
 
 from matxfer.config import UserError
 from matxfer.tracking import Tracker, check_reachable
@@ -107,13 +108,7 @@ def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tm
     from matxfer.tune import run_study
 
     uri = server[0]
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(
-        "folds: [0]\nnum_samples: 2\nmax_concurrent_trials: 2\nasha: {enabled: false}\n"
-        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
-        f"tracking: {{uri: '{uri}', experiment: http-test}}\n"
-        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
-        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    cfg = write_study_yaml(tmp_path, uri, concurrent=2, experiment="http-test")
     try:
         run_study(load_study_config(cfg))
     finally:
@@ -191,17 +186,6 @@ def test_postgres_mode_creates_its_database_and_stores_runs(tmp_path):
         stop_server(proc)
 
 
-def tiny_study_yaml(tmp_path: Path, uri: str, epochs: int = 2, samples: int = 2) -> Path:
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(
-        f"folds: [0]\nnum_samples: {samples}\nmax_concurrent_trials: 1\nasha: {{enabled: false}}\n"
-        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
-        f"tracking: {{uri: '{uri}', experiment: tiny}}\n"
-        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
-        f"  train: {{epochs: {epochs}, batch_size: 8}}\n  model: {{head_hidden: [32]}}\n")
-    return cfg
-
-
 @pytest.mark.slow
 def test_basic_auth_mode_needs_credentials(tmp_path, monkeypatch):
     """start.sh basic-auth: the right user logs runs; without credentials `matxfer tune` stops
@@ -213,7 +197,7 @@ def test_basic_auth_mode_needs_credentials(tmp_path, monkeypatch):
     try:
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             monkeypatch.delenv(name, raising=False)
-        cfg = tiny_study_yaml(tmp_path, uri)
+        cfg = write_study_yaml(tmp_path, uri, experiment="tiny")
         out = subprocess.run([sys.executable, "-m", "matxfer.cli", "tune", str(cfg)],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, out.stderr[-2000:]
@@ -241,7 +225,7 @@ def test_study_completes_across_a_tracking_server_restart(server, tmp_path):
 
     uri, proc, folder, port = server
     epochs = 3
-    cfg = tiny_study_yaml(tmp_path, uri, epochs=epochs)
+    cfg = write_study_yaml(tmp_path, uri, epochs=epochs, experiment="tiny")
     driver = subprocess.Popen([sys.executable, "-m", "matxfer.cli", "tune", str(cfg)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(uri)

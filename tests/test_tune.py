@@ -5,6 +5,7 @@ import json
 import numpy as np
 import optuna
 import pytest
+from conftest import write_study_yaml
 
 from matxfer.config import UserError, load_study_config
 from matxfer.tune import DefineSpace, trial_run_config
@@ -224,13 +225,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     import sys
     import time
 
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(
-        "folds: [0]\nnum_samples: 3\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
-        f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
-        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
-        "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
-        "  train: {epochs: 2, batch_size: 8}\n  model: {head_hidden: [32]}\n")
+    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3)
     command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
     experiment = tmp_path / "ray" / "matbench_jdft2d-main-fold0"
 

@@ -39,7 +39,7 @@ def pooled_features(model: PropertyModel, graphs: GraphSet, rows: Sequence[int] 
         n_graphs = batch["ptr"].numel() - 1
         embedding = model.backbone.node_embedding(batch["node_attrs"].to(dtype))
         layers = [pool(embedding, batch["batch"], n_graphs, model.pooling)]
-        layers += model.pooled_layer_features({k: v for k, v in batch.items()})
+        layers += model.pooled_layer_features(batch)
         chunks.append([x.double().numpy() for x in layers])
     return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
