@@ -18,6 +18,9 @@ BIN=.venv/bin; RAY_STATE=/tmp/mxacc-$RAY_PORT
 mkdir -p "$ACC_DIR/logs"
 LOG=$ACC_DIR/logs/$(basename "$CONFIG" .yaml).log
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+# drivers and Ray workers import this checkout's matxfer (not whatever the venv points to), so
+# a campaign run from a frozen worktree is not changed by edits elsewhere
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stop_services() {
   STATE_DIR=$RAY_STATE PORT_BASE=$RAY_PORT cluster/local_cluster.sh stop || true
