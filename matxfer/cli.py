@@ -136,7 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from matxfer.config import load_study_config
-    from matxfer.tune import format_summary, run_study
+    from matxfer.records import format_summary
+    from matxfer.tune import run_study
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds

@@ -1,7 +1,8 @@
 """Ray Train: one fine-tune across workers (DDP; NCCL on GPUs, gloo on CPU).
 
 `train_worker` runs on every worker: it places the model, wraps it in DDP, runs the plain loop
-from train.py and reports each epoch (with a checkpoint of the best weights so far on rank 0).
+from train.py and reports each epoch (with a checkpoint on rank 0); after a worker failure Ray
+Train restarts the group and it continues from the last checkpoint's training state.
 `fit_on_workers` builds the TorchTrainer for one trial.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import ray
@@ -20,28 +22,47 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from matxfer.config import RunConfig, ScalingSettings
 from matxfer.model import build_model
 from matxfer.run import checkpoint_payload, prepare_fold
+from matxfer.storage import CorruptFile, load_checked, save_checked
 from matxfer.train import TrainResult, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RESUME_FILE = "resume.pt"
 
 
-def _report_epoch(model, cfg: RunConfig, data, rank: int):
-    """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint on improvement.
-    Each report names the Ray node the worker runs on (which node ran a trial)."""
+def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int):
+    """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint every epoch:
+    the best weights so far (checkpoint.pt, what evaluation and predict read) and the state
+    to continue from (resume.pt), each with its checksum. Each report names the Ray node the
+    worker runs on and the epoch this worker group resumed after (0: a fresh start)."""
     node_id = ray.get_runtime_context().get_node_id()
 
-    def on_epoch(row: dict, result: TrainResult) -> None:
+    def on_epoch(row: dict, result: TrainResult, state) -> None:
         metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch,
-                   "node_id": node_id}
-        if rank != 0 or result.best_epoch != row["epoch"]:
+                   "node_id": node_id, "resumed_from_epoch": resumed_from}
+        if rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            payload = checkpoint_payload(model, cfg, data)
+            payload = checkpoint_payload(model, cfg, data, result.best_state)
             payload["history"] = list(result.history)
-            torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
+            save_checked(payload, Path(tmp) / CHECKPOINT_FILE)
+            save_checked(state(), Path(tmp) / RESUME_FILE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     return on_epoch
+
+
+def resume_state() -> dict | None:
+    """The training state of this run's last checkpoint (after a worker failure), else None.
+    A damaged one is not trusted: the run starts over, which costs time but not correctness."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        try:
+            return load_checked(Path(folder) / RESUME_FILE)
+        except (CorruptFile, FileNotFoundError) as err:
+            warnings.warn(f"not resuming from {folder}: {err}", stacklevel=1)
+            return None
 
 
 def train_worker(config: dict) -> None:
@@ -57,8 +78,9 @@ def train_worker(config: dict) -> None:
     wrapped = model
     if world > 1:
         wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    fit(wrapped, data, cfg, device, rank=rank, world_size=world,
-        on_epoch=_report_epoch(model, cfg, data, rank), log=None)
+    state = resume_state()
+    fit(wrapped, data, cfg, device, rank=rank, world_size=world, log=None, resume=state,
+        on_epoch=_report_epoch(model, cfg, data, rank, state["epoch"] if state else 0))
 
 
 def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, name: str,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from matxfer.config import UserError
+from matxfer.storage import load_checked, save_checked, sidecar
 
 CACHE_FORMAT = 1
 _ARRAYS = ("n_atoms", "n_edges", "species", "positions", "edge_index", "shifts", "targets")
@@ -122,22 +123,15 @@ def default_cache_dir() -> Path:
 
 
 def save_graph_set(graphs: GraphSet, path: Path) -> None:
-    """Write atomically: a killed writer leaves no partial file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically with a checksum: a killed writer leaves no partial file under the
+    final name, and a later bit flip is caught on load."""
     payload = {name: getattr(graphs, name) for name in _ARRAYS}
     payload.update(ids=graphs.ids, z_table=graphs.z_table, format=CACHE_FORMAT)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_checked(payload, path)
 
 
 def load_graph_set(path: Path) -> GraphSet:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_checked(path)
     if payload.get("format") != CACHE_FORMAT:
         raise ValueError(f"graph cache {path} has format {payload.get('format')}")
     return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]),
@@ -157,8 +151,10 @@ def task_graphs(
     if path.is_file():
         try:
             return load_graph_set(path)
-        except Exception:  # unreadable cache: rebuild it below
+        except Exception as err:  # unreadable or corrupted cache: rebuild it below
+            warnings.warn(f"rebuilding the graph cache: {err}", stacklevel=2)
             path.unlink(missing_ok=True)
+            sidecar(path).unlink(missing_ok=True)
     df = load_task(task, data_dir)
     graphs = build_graph_set(list(df.index), list(df["structure"]), df["target"].to_numpy(),
                              z_table, cutoff, dtype, progress)

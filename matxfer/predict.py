@@ -18,6 +18,7 @@ import torch
 from matxfer.config import RunConfig, UserError
 from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
 from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.storage import CorruptFile, load_checked
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -34,8 +35,11 @@ def load_predictor(path: Path) -> Predictor:
     """A fine-tuned PropertyModel from a matxfer checkpoint file (or a folder holding one)."""
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_checked(path)
         cfg = RunConfig.model_validate(payload["config"])
+    except CorruptFile as err:
+        raise UserError(f"refusing {str(path)!r}: {str(err).removeprefix(str(path) + ' ')}") \
+            from None
     except Exception as err:
         raise UserError(f"{str(path)!r} is not a matxfer checkpoint ({err})") from None
     model = build_model(cfg.model)

@@ -22,6 +22,7 @@ from matxfer.config import RunConfig, UserError
 from matxfer.data import fold_split, get_task
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.storage import save_checked
 from matxfer.train import FoldData, TrainResult, fit, predict, score
 
 OUTPUT_FILES = ("result.json", "history.csv", "predictions.csv", "checkpoint.pt", "config.yaml")
@@ -66,9 +67,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 def check_writable(path: Path, what: str) -> None:
     """The nearest existing folder at or above `path` must be a writable folder."""
-    probe = Path(path).absolute()
-    while not probe.exists():
-        probe = probe.parent
+    probe = existing_parent(path)
     try:  # a real file, not os.access: root passes access() on read-only or virtual mounts
         if not probe.is_dir():
             raise NotADirectoryError(20, "not a folder")
@@ -77,6 +76,25 @@ def check_writable(path: Path, what: str) -> None:
     except OSError as err:
         raise UserError(f"{what} {str(path)!r} is not writable ({str(probe)!r}: "
                         f"{err.strerror})") from None
+
+
+def existing_parent(path: Path) -> Path:
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return probe
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Refuse to start when the disk under `path` cannot hold `needed` bytes of results."""
+    free = shutil.disk_usage(existing_parent(path)).free
+    if free < needed:
+        raise UserError(f"{what} {str(path)!r} has {free / 2**20:.0f} MiB free; this run needs "
+                        f"about {needed / 2**20:.0f} MiB for checkpoints and results")
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_score: float,
@@ -96,9 +114,11 @@ def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_sco
     }
 
 
-def checkpoint_payload(model: PropertyModel, cfg: RunConfig, data: FoldData) -> dict:
-    return {"model_state": model.state_dict(), "config": cfg.model_dump(),
-            "scaler": data.scaler.state(), "task": data.spec.name,
+def checkpoint_payload(model: PropertyModel, cfg: RunConfig, data: FoldData,
+                       state: dict | None = None) -> dict:
+    """What predict and analysis need: weights (`state`, default the model's), config, scaler."""
+    return {"model_state": state if state is not None else model.state_dict(),
+            "config": cfg.model_dump(), "scaler": data.scaler.state(), "task": data.spec.name,
             "z_table": list(data.graphs.z_table), "matxfer_version": __version__}
 
 
@@ -121,12 +141,12 @@ def write_outputs(out: Path, files: dict[str, object]) -> None:
             elif name.endswith(".yaml"):
                 path.write_text(yaml.safe_dump(content, sort_keys=False))
             else:
-                torch.save(content, path)
+                save_checked(content, path)  # with its .sha256 sidecar
         if not out.exists():
             os.replace(stage, out)
             return
-        for name in files:
-            os.replace(stage / name, out / name)
+        for item in stage.iterdir():
+            os.replace(item, out / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -142,6 +162,8 @@ def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model)
+    if out_dir:  # the checkpoint plus a margin, so a finished result is never lost to a full disk
+        check_free_space(out_dir, 2 * model_bytes(model) + 16 * 2**20, "--out")
     data = prepare_fold(cfg, model, progress)
     model.to(device)
     trained = fit(model, data, cfg, device, log=print if progress else None)

@@ -24,6 +24,7 @@ import pandas as pd
 from matxfer import __version__
 from matxfer.config import StudyConfig, UserError
 from matxfer.data import get_task
+from matxfer.storage import checked_files
 
 DEFAULT_DB = "mlflow.db"
 # answers that retrying cannot change (anything else may be a server that is restarting)
@@ -238,7 +239,7 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
     tracker.log_metrics(parent_id, metrics, step=0)
     files = {k: v for k, v in outcome["files"].items() if k != "checkpoint.pt"}
     tracker.log_files(parent_id, files)
-    tracker.log_files(parent_id, {"checkpoint.pt": folder / "checkpoint.pt"}, "best_model")
+    tracker.log_files(parent_id, checked_files(folder, "checkpoint.pt"), "best_model")
     if study.tracking.register_model:
         name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
         tracker.register(parent_id, name, f"fold{fold}", "best_model")

@@ -181,19 +181,40 @@ def injected_nan_fault(cfg: RunConfig) -> bool:
             return fh.read() == key
 
 
+def training_state(raw: PropertyModel, optimizer, scheduler, epoch: int,
+                   result: TrainResult) -> dict:
+    """Everything needed to continue after `epoch` exactly as if never stopped."""
+    return {"epoch": epoch, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": list(result.history),
+            "best_epoch": result.best_epoch, "best_val": result.best_val,
+            "best_state": result.best_state}
+
+
+def restore_state(raw: PropertyModel, optimizer, scheduler, state: dict) -> TrainResult:
+    """Load a `training_state` dict; returns the result so far (history, best epoch, weights)."""
+    raw.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return TrainResult(list(state["history"]), state["best_epoch"], state["best_val"],
+                       state["best_state"])
+
+
+EpochCallback = Callable[[dict, TrainResult, Callable[[], dict]], None]
+
+
 def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device | str = "cpu",
-        rank: int = 0, world_size: int = 1,
-        on_epoch: Callable[[dict, TrainResult], None] | None = None,
-        log: Callable[[str], None] | None = print) -> TrainResult:
+        rank: int = 0, world_size: int = 1, on_epoch: EpochCallback | None = None,
+        log: Callable[[str], None] | None = print, resume: dict | None = None) -> TrainResult:
     """Train with early stopping on the validation metric; best weights are restored at the end.
 
     `model` may be DDP-wrapped; penalties and state use the underlying PropertyModel.
-    `on_epoch(metrics, result_so_far)` runs after every epoch (Ray reporting, checkpoints).
+    `on_epoch(metrics, result_so_far, state)` runs after every epoch (Ray reporting,
+    checkpoints); `state()` builds the `training_state` dict that `resume` continues from.
     """
     raw: PropertyModel = getattr(model, "module", model)
     spec, t = data.spec, cfg.train
     torch.manual_seed(t.seed)
-    objective = Objective(raw, cfg, spec, data.scaler)
+    objective = Objective(raw, cfg, spec, data.scaler)  # anchors w0 before any resumed weights
     optimizer = make_optimizer(raw, cfg)
     per_rank = len(data.rows["train"]) // world_size
     steps = max(1, math.ceil(per_rank / t.batch_size)) * t.epochs
@@ -202,8 +223,12 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     metric = f"val_{spec.metric}"
     result = TrainResult([], 0, -math.inf if spec.kind == "classification" else math.inf,
                          copy.deepcopy(raw.state_dict()))
+    if resume:
+        result = restore_state(raw, optimizer, scheduler, resume)
     nan_fault = rank == 0 and injected_nan_fault(cfg)
-    for epoch in range(1, t.epochs + 1):
+    for epoch in range(result.epochs_run + 1, t.epochs + 1):
+        if t.patience and result.history and epoch - 1 - result.best_epoch >= t.patience:
+            break  # resumed after the epoch that triggered early stopping
         row = {"epoch": epoch, "lr": optimizer.param_groups[1]["lr"]}
         row.update(train_epoch(model, objective, optimizer, scheduler, data, cfg, epoch,
                                device, rank, world_size))
@@ -221,7 +246,8 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
                 f"{metric} {row[metric]:.4f}  best {result.best_val:.4f} (epoch "
                 f"{result.best_epoch})  {row['structures_per_s']:.1f} struct/s")
         if on_epoch:
-            on_epoch(row, result)
+            on_epoch(row, result, lambda e=epoch: training_state(raw, optimizer, scheduler,
+                                                                 e, result))
         if t.patience and epoch - result.best_epoch >= t.patience:
             break
     raw.load_state_dict(result.best_state)

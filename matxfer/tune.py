@@ -13,18 +13,19 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import ray
 import torch
 from ray import tune
 
 from matxfer.config import RunConfig, SearchSpace, StudyConfig, StudyInterrupted, UserError
-from matxfer.data import get_task, load_task, official_fold
+from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.records import fold_dir, summarize
 from matxfer.run import write_outputs
+from matxfer.storage import checked_files, load_checked
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
 from matxfer.train import predict, score
 
@@ -149,7 +150,7 @@ class TrialLogger(tune.Callback):
             self.tracker.log_files(run_id, files)
         ckpt = self.checkpoints.get(trial.trial_id)
         if ckpt and Path(ckpt, CHECKPOINT_FILE).is_file():
-            self.tracker.log_files(run_id, {CHECKPOINT_FILE: Path(ckpt, CHECKPOINT_FILE)},
+            self.tracker.log_files(run_id, checked_files(Path(ckpt), CHECKPOINT_FILE),
                                    "best_checkpoint")
         self.tracker.end_run(run_id)
 
@@ -222,7 +223,7 @@ def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
 
 def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
     """Rebuild a fine-tuned PropertyModel from a matxfer checkpoint file."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_checked(path)
     cfg = RunConfig.model_validate(payload["config"])
     model = build_model(cfg.model)
     model.load_state_dict(payload["model_state"])
@@ -282,10 +283,6 @@ def error_line(err: BaseException) -> str:
     return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
 
 
-def fold_dir(study: StudyConfig, fold: int) -> Path:
-    return Path(study.output_dir) / study.run.data.task / study.name / f"fold{fold}"
-
-
 def build_graph_cache(study: StudyConfig) -> None:
     """Build the task's graph cache once in the driver; trials only read it."""
     model = build_model(study.run.model)
@@ -320,58 +317,19 @@ def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
     return outcome["record"]
 
 
-def summarize(study: StudyConfig, records: list[dict]) -> pd.DataFrame:
-    """Per-fold table plus mean ± std of the test metric; writes summary and Matbench record."""
-    spec = get_task(study.run.data.task)
-    table = pd.DataFrame(records)
-    out = Path(study.output_dir) / spec.name / study.name
-    test = table[f"test_{spec.metric}"].to_numpy()
-    complete = study.run.data.max_structures is None and sorted(table["fold"]) == list(range(5))
-    summary = {"task": spec.name, "variant": study.name, "metric": f"test_{spec.metric}",
-               "matbench_record": "matbench_results.json" if complete else None,
-               "unit": spec.unit, "folds": table["fold"].tolist(),
-               "mean": float(np.mean(test)), "std": float(np.std(test)),
-               "per_fold": records}
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if complete:  # matbench records (and validates) all five full folds, nothing less
-        write_matbench_record(
-            spec.name,
-            {r.fold: pd.read_csv(fold_dir(study, r.fold) / "predictions.csv")
-             for r in table.itertuples()},
-            {r.fold: {"l2sp": r.l2sp, "bss": r.bss, "lr": r.lr, "variant": study.name}
-             for r in table.itertuples()},
-            out / "matbench_results.json")
-    return table
+def check_study_space(study: StudyConfig) -> None:
+    """Ray keeps each running trial's last checkpoint (best weights + training state with the
+    optimizer's moments: ~5x the weights) and writes the next beside it; the driver writes each
+    fold's result. Refuse before training when the disks cannot hold that."""
+    from matxfer.run import check_free_space, model_bytes
 
-
-def write_matbench_record(task_name: str, folds: dict[int, pd.DataFrame], params: dict[int, dict],
-                          path: Path) -> None:
-    """The record file MatbenchBenchmark writes (all 5 folds): test predictions by matbench id,
-    scored by matbench itself. Gzip it for a leaderboard submission."""
-    from matbench.bench import MatbenchBenchmark
-
-    spec = get_task(task_name)
-    mb = MatbenchBenchmark(autoload=False, subset=[task_name])
-    task = mb.tasks_map[task_name]
-    # matbench scores each recorded fold against its data frame: hand it ours (same ids and
-    # rows) instead of letting it re-download with a hash check the offline copies don't pass
-    frame = load_task(task_name).rename(columns={"target": spec.target})
-    if spec.kind == "classification":
-        frame[spec.target] = frame[spec.target].astype(bool)
-    task.df = frame
-    for fold, preds in sorted(folds.items()):
-        _, test_ids = official_fold(task_name, fold)
-        by_id = preds.set_index("mbid")["prediction"]
-        values = by_id.loc[test_ids].to_numpy()
-        if spec.kind == "classification":
-            values = values >= 0.5  # matbench records classes; ROC-AUC stays in our results
-        task.record(fold, values.astype(float if spec.kind == "regression" else bool),
-                    params=params[fold])
-    tmp = path.with_name(path.name + ".partial")
-    mb.to_file(str(tmp))
-    os.replace(tmp, path)
+    weights = model_bytes(build_model(study.run.model))
+    margin = 16 * 2**20
+    check_free_space(Path(study.output_dir), len(study.folds) * 2 * weights + margin,
+                     "output_dir")
+    if "://" not in study.storage_path:
+        check_free_space(Path(study.storage_path),
+                         study.max_concurrent_trials * 2 * 5 * weights + margin, "storage_path")
 
 
 def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
@@ -383,6 +341,7 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     check_writable(Path(study.output_dir), "output_dir")
     if "://" not in study.storage_path:  # s3:// and friends are checked by Ray
         check_writable(Path(study.storage_path), "storage_path")
+    check_study_space(study)
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
     build_graph_cache(study)
     init_ray(address)
@@ -391,16 +350,3 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     if tracker:
         log_summary(tracker, study, [study_name(study, f) for f in table["fold"]])
     return table
-
-
-def format_summary(table: pd.DataFrame, study: StudyConfig) -> str:
-    spec = get_task(study.run.data.task)
-    metric = f"test_{spec.metric}"
-    lines = [f"{spec.name} [{study.name}]  ({metric}, {spec.unit})",
-             f"{'fold':>4}  {'l2sp':>9}  {'bss':>9}  {'val':>9}  {'test':>9}"]
-    for r in table.itertuples():
-        lines.append(f"{r.fold:>4}  {r.l2sp:9.2e}  {r.bss:9.2e}  "
-                     f"{getattr(r, f'val_{spec.metric}'):9.4f}  {getattr(r, metric):9.4f}")
-    values = table[metric].to_numpy()
-    lines.append(f"mean ± std over {len(values)} fold(s): {values.mean():.4f} ± {values.std():.4f}")
-    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Injected faults, each named: concurrent cache builders, truncated files."""
+"""Injected faults, each named: concurrent cache builders, damaged files, a full disk,
+a NaN loss, a killed training worker."""
 
 import subprocess
 import sys
@@ -32,22 +33,82 @@ def test_fault_two_processes_build_the_same_graph_cache_at_once(tmp_path):
     assert len(load_graph_set(files[0])) == 636
 
 
-def test_fault_truncated_checkpoint_is_refused_with_one_line(tmp_path, tiny_cfg, capsys):
-    """Fault: a checkpoint cut in half (disk full, killed copy). predict refuses it, exit 2."""
-    from matxfer.cli import main
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch `matxfer train` output folder (checkpoint.pt + its .sha256)."""
+    from matxfer.config import load_config
     from matxfer.run import run_finetune
 
-    tiny_cfg.train.epochs = 1
-    run_finetune(tiny_cfg, tmp_path / "run", progress=False)
-    ckpt = tmp_path / "run" / "checkpoint.pt"
-    data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 2])
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_finetune(load_config(overrides={
+        "data.task": "matbench_jdft2d", "data.max_structures": 40, "data.val_fraction": 0.2,
+        "train.epochs": 1, "train.batch_size": 8, "model.head_hidden": [32]}), out, progress=False)
+    return out
+
+
+def damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # one bit in the middle of the weights: torch.load alone would not notice
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "one flipped bit"])
+def test_fault_damaged_checkpoint_is_refused_with_one_line(finished_run, tmp_path, capsys, how):
+    """Fault: a checkpoint cut in half (disk full, killed copy) or with one flipped bit (bad
+    disk, bad transfer). Its sha256 sidecar no longer matches: predict refuses it, exit 2."""
+    import shutil
+
+    from matxfer.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run / "checkpoint.pt", how)
     (tmp_path / "x.cif").write_text("irrelevant")
-    code = main(["predict", "--model", str(ckpt), str(tmp_path / "x.cif"),
+    code = main(["predict", "--model", str(run), str(tmp_path / "x.cif"),
                  "--out", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
-    assert code == 2 and "is not a matxfer checkpoint" in err and err.count("\n") == 1
+    assert code == 2 and "does not match its checksum" in err and err.count("\n") == 1, err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_fault_corrupted_graph_cache_is_detected_and_rebuilt(tmp_path, jdft2d_graphs):
+    """Fault: one flipped bit in a cached graph file. The checksum catches it; the cache is
+    rebuilt from the structures and matches the original."""
+    import torch
+
+    from matxfer.graphs import task_graphs
+
+    args = ("matbench_jdft2d", list(jdft2d_graphs.z_table), 6.0, torch.float32, tmp_path)
+    task_graphs(*args, progress=False)
+    (cache,) = tmp_path.glob("*.pt")
+    damage(cache, "one flipped bit")
+    with pytest.warns(UserWarning, match="rebuilding the graph cache.*checksum"):
+        rebuilt = task_graphs(*args, progress=False)
+    assert torch.equal(rebuilt.positions, jdft2d_graphs.positions)
+    assert torch.equal(rebuilt.edge_index, jdft2d_graphs.edge_index)
+    task_graphs(*args, progress=False)  # the rebuilt file verifies: no warning, no rebuild
+
+
+def test_fault_full_disk_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Fault: the output disk has 1 MiB left. `matxfer tune` and `matxfer train` stop before
+    any training with one line naming the folder; nothing is written."""
+    import shutil
+    from collections import namedtuple
+
+    from matxfer.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["tune", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "has 1 MiB free; this run needs about" in err and err.count("\n") == 1, err
+    assert main(["train", "--task", "matbench_jdft2d", "--out", str(tmp_path / "t")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
 @pytest.mark.slow
@@ -83,3 +144,76 @@ def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, 
     assert statuses == ["FAILED", "FINISHED", "FINISHED"]
     bad = [r for r in runs if r.info.status == "FAILED"][0]
     assert "training loss became nan" in bad.data.tags["error"]
+
+
+def _our_train_workers(tag: str) -> list[int]:
+    """PIDs of Ray Train workers started by this test (they inherit its MATXFER_TEST_TAG)."""
+    import os
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read()
+            env = open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker") and f"MATXFER_TEST_TAG={tag}".encode() in env:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_fault_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """Fault: SIGKILL of the trial's training worker after its first epoch. Ray Train
+    restarts the worker group, which continues from the checkpoint's training state: every
+    epoch is reported once, the trial and the study finish, MLflow holds one curve."""
+    import os
+    import signal
+    import threading
+    import time
+    import uuid
+
+    import pandas as pd
+    import ray
+    from mlflow import MlflowClient
+
+    from matxfer.config import load_study_config
+    from matxfer.tune import run_study
+
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("MATXFER_TEST_TAG", tag)
+    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=1, epochs=6)
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            # Tune has the epoch-1 report, so Ray Train has registered its checkpoint
+            progress = list((tmp_path / "ray").glob("matbench_jdft2d-main-fold0/*/progress.csv"))
+            if progress and len(progress[0].read_text().splitlines()) >= 2:
+                for pid in _our_train_workers(tag):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        run_study(load_study_config(cfg))
+    finally:
+        ray.shutdown()
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    (progress,) = (tmp_path / "ray").glob("matbench_jdft2d-main-fold0/*/progress.csv")
+    reports = pd.read_csv(progress)
+    assert sorted(reports["epoch"]) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
+    assert reports["resumed_from_epoch"].max() >= 1  # the new workers did not start over
+    fold = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
+    assert (fold / "result.json").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("matbench_jdft2d").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags]
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_mae")]
+    assert child.info.status == "FINISHED" and sorted(steps) == [1, 2, 3, 4, 5, 6]

@@ -194,7 +194,7 @@ def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
     from matbench.bench import MatbenchBenchmark
 
     from matxfer.data import load_task, official_fold
-    from matxfer.tune import write_matbench_record
+    from matxfer.records import write_matbench_record
 
     folds, params = {}, {}
     for fold in range(5):

@@ -14,6 +14,7 @@ from matxfer.data import official_fold, subset_ids
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, build_model
 from matxfer.predict import CHECKPOINT_FILE, load_predictor
+from matxfer.storage import SIDECAR
 
 
 def mace_element_rows(model: PropertyModel):
@@ -53,7 +54,11 @@ def checkpoint_from_run(run_id: str, tracking_uri: str | None, into: Path) -> Pa
     folder = next((f for f in ("best_model", "best_checkpoint") if f in names), None)
     if folder is None:
         raise UserError(f"--run {run_id!r} holds no best_model/ or best_checkpoint/ artifact")
-    return Path(client.download_artifacts(run_id, f"{folder}/{CHECKPOINT_FILE}", str(into)))
+    stored = {a.path for a in client.list_artifacts(run_id, folder)}
+    for name in (CHECKPOINT_FILE + SIDECAR, CHECKPOINT_FILE):  # the checksum travels along
+        if f"{folder}/{name}" in stored:
+            path = Path(client.download_artifacts(run_id, f"{folder}/{name}", str(into)))
+    return path
 
 
 def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64) -> dict:

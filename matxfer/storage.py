@@ -1,0 +1,91 @@
+"""Files that must never be read half-written or corrupted: checkpoints and graph caches.
+
+`save_checked` writes a torch file atomically (temporary name, then rename) together with a
+`<name>.sha256` sidecar in `sha256sum` format; `load_checked` verifies the sidecar when there
+is one and raises :class:`CorruptFile` on a mismatch or an unreadable file, so callers can
+rebuild (caches) or refuse with one line (checkpoints). `sha256sum -c file.sha256` checks the
+same by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIDECAR = ".sha256"
+_CHUNK = 1 << 20
+
+
+class CorruptFile(Exception):
+    """A file that fails its checksum or cannot be unpickled."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checked(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically, then its checksum sidecar (also atomically).
+    A reader that finds the file without a matching sidecar treats it as corrupted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar(path).unlink(missing_ok=True)  # an old sidecar must not vouch for the new file
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    line = f"{sha256_file(path)}  {path.name}\n".encode()
+    _atomic_write(sidecar(path), lambda fh: fh.write(line))
+
+
+def verify(path: str | Path) -> None:
+    """Raise CorruptFile when `path` has a sidecar whose checksum does not match."""
+    path = Path(path)
+    check = sidecar(path)
+    if not check.is_file():
+        return
+    expected = check.read_text().split()[0] if check.read_text().strip() else ""
+    if sha256_file(path) != expected:
+        raise CorruptFile(f"{path} does not match its checksum ({check.name}): "
+                          "the file is truncated or corrupted")
+
+
+def load_checked(path: str | Path, **kwargs: Any) -> Any:
+    """torch.load after `verify`; unreadable files raise CorruptFile naming the path."""
+    verify(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch/pickle raise many types for a damaged file
+        raise CorruptFile(f"{path} cannot be read ({type(err).__name__}): truncated or "
+                          "not a torch file") from None
+
+
+def checked_files(folder: Path, name: str) -> dict[str, Path]:
+    """{name: path} plus its sidecar when present: what to copy or log to keep them together."""
+    files = {name: folder / name}
+    if sidecar(folder / name).is_file():
+        files[name + SIDECAR] = sidecar(folder / name)
+    return files
