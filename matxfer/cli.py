@@ -22,6 +22,8 @@ TRAIN_FLAGS = {
     "lr": ("train.lr", float), "backbone_lr": ("train.backbone_lr", float),
     "patience": ("train.patience", int), "seed": ("train.seed", int),
     "threads": ("train.threads", int), "device": ("train.device", str),
+    "lp_epochs": ("strategy.lp_epochs", int), "lr_decay": ("strategy.lr_decay", float),
+    "freeze_blocks": ("strategy.freeze_blocks", int),
 }
 
 TUNE_FLAGS = {

@@ -79,6 +79,17 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class StrategyConfig(_Strict):
+    """Fine-tuning strategy besides the regularisers (see strategies.py); defaults: plain."""
+
+    lp_epochs: int = Field(0, ge=0, description="LP-FT: head-only epochs on frozen features "
+                                                "before fine-tuning (0: off)")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="block lr = backbone_lr x "
+                                                             "decay^(depth from the top)")
+    freeze_blocks: int = Field(0, ge=0, description="freeze the first k backbone blocks "
+                                                    "(embedding, interaction 0, ...)")
+
+
 class RunConfig(_Strict):
     """Everything that defines one fine-tune of one task and fold."""
 
@@ -86,6 +97,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     regularizers: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
 
     @model_validator(mode="after")
     def _no_decay_toward_zero_under_l2sp(self) -> RunConfig:
@@ -176,6 +188,23 @@ class SearchSpace(_Strict):
     l2sp: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-6, high=1e-1))
     bss: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-5, high=1e-1))
     lr: SearchRange | None = None
+    lr_decay: SearchRange | None = Field(None, description="log-uniform in (0, 1]; off = 1")
+    freeze_blocks: list[int] | None = Field(None, description="choices of k")
+    lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
+
+    @model_validator(mode="after")
+    def _valid_strategy_space(self) -> SearchSpace:
+        if self.lr_decay is not None and self.lr_decay.high > 1.0:
+            raise ValueError(f"lr_decay.high ({self.lr_decay.high}) must be at most 1")
+        for name in ("freeze_blocks", "lp_epochs"):
+            choices = getattr(self, name)
+            if choices is not None and (not choices or min(choices) < 0):
+                raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
+        return self
+
+    def searched(self) -> list[str]:
+        """Names of the searched hyperparameters."""
+        return [n for n in type(self).model_fields if getattr(self, n) is not None]
 
 
 class ScalingSettings(_Strict):
@@ -227,13 +256,16 @@ class StudyConfig(_Strict):
 
 
 # Ready-made comparison variants: the paper's baselines are config changes, not code.
+_PLAIN = {"search.l2sp": None, "search.bss": None,
+          "run.regularizers.l2sp": 0.0, "run.regularizers.bss": 0.0}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "main": {},
-    "no-reg": {"name": "no-reg", "search.l2sp": None, "search.bss": None,
-               "run.regularizers.l2sp": 0.0, "run.regularizers.bss": 0.0},
-    "random-init": {"name": "random-init", "run.model.init": "random", "search.l2sp": None,
-                    "search.bss": None, "run.regularizers.l2sp": 0.0,
-                    "run.regularizers.bss": 0.0},
+    "main": {},  # L2-SP + BSS searched
+    "no-reg": {"name": "no-reg", **_PLAIN},  # plain full fine-tuning
+    "random-init": {"name": "random-init", "run.model.init": "random", **_PLAIN},
+    "lp-ft": {"name": "lp-ft", **_PLAIN, "run.strategy.lp_epochs": 20},
+    "llrd": {"name": "llrd", **_PLAIN,
+             "search.lr_decay": {"low": 0.2, "high": 1.0, "allow_off": False}},
+    "freeze": {"name": "freeze", **_PLAIN, "search.freeze_blocks": [1, 2]},
 }
 
 
@@ -252,6 +284,6 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
         study = StudyConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError(f"invalid study config: {format_validation_error(err)}") from None
-    if variant != "main" and study.search.lr is None and study.num_samples > 1:
+    if not study.search.searched() and study.num_samples > 1:
         study.num_samples = 1  # nothing left to search: one run per fold
     return study

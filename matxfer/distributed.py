@@ -23,6 +23,7 @@ from matxfer.config import RunConfig, ScalingSettings
 from matxfer.model import build_model
 from matxfer.run import checkpoint_payload, prepare_fold
 from matxfer.storage import CorruptFile, load_checked, save_checked
+from matxfer.strategies import freeze_blocks
 from matxfer.train import TrainResult, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,6 +74,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     model = build_model(cfg.model)
+    freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
     data = prepare_fold(cfg, model, progress=False)  # reads the cache the driver built
     model.to(device)
     wrapped = model

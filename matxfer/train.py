@@ -23,6 +23,7 @@ from matxfer.data import FoldSplit, TaskSpec
 from matxfer.graphs import GraphSet, iterate_batches
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.regularizers import bss_penalty, l2_sp_penalty
+from matxfer.strategies import freeze_blocks, linear_probe, param_groups
 
 
 @dataclass
@@ -79,14 +80,9 @@ def predict(model: nn.Module, data: FoldData, part: str, batch_size: int,
 
 
 def make_optimizer(model: PropertyModel, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW: backbone and head groups with their own learning rate and weight decay."""
-    t = cfg.train
-    groups = [
-        {"params": [p for _, p in model.backbone_parameters()],
-         "lr": t.backbone_lr or t.lr, "weight_decay": t.backbone_weight_decay},
-        {"params": list(model.head.parameters()), "lr": t.lr, "weight_decay": t.head_weight_decay},
-    ]
-    return torch.optim.AdamW(groups)
+    """AdamW: one group per trainable backbone block (lr decayed by depth when
+    strategy.lr_decay < 1), then the head with its own lr and weight decay."""
+    return torch.optim.AdamW(param_groups(model, cfg))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -199,6 +195,18 @@ def restore_state(raw: PropertyModel, optimizer, scheduler, state: dict) -> Trai
                        state["best_state"])
 
 
+def probe_head(raw: PropertyModel, data: FoldData, cfg: RunConfig, device, world_size: int,
+               log: Callable[[str], None] | None) -> None:
+    """LP phase of LP-FT on every rank (same data, same seed), then rank 0's head everywhere."""
+    for row in linear_probe(raw, data, cfg, device):
+        if log:
+            log(f"LP epoch {row['lp_epoch']:3d}  head loss {row['lp_loss']:.4f}  "
+                f"val {row['lp_val']:.4f}")
+    if world_size > 1:  # round-off may differ between ranks; DDP needs identical replicas
+        for p in raw.head.parameters():
+            torch.distributed.broadcast(p.data, 0)
+
+
 EpochCallback = Callable[[dict, TrainResult, Callable[[], dict]], None]
 
 
@@ -214,6 +222,9 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     raw: PropertyModel = getattr(model, "module", model)
     spec, t = data.spec, cfg.train
     torch.manual_seed(t.seed)
+    freeze_blocks(raw, cfg.strategy.freeze_blocks)  # before DDP wrapping too (callers do it)
+    if cfg.strategy.lp_epochs and not resume:
+        probe_head(raw, data, cfg, device, world_size, log)
     objective = Objective(raw, cfg, spec, data.scaler)  # anchors w0 before any resumed weights
     optimizer = make_optimizer(raw, cfg)
     per_rank = len(data.rows["train"]) // world_size
@@ -229,7 +240,7 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     for epoch in range(result.epochs_run + 1, t.epochs + 1):
         if t.patience and result.history and epoch - 1 - result.best_epoch >= t.patience:
             break  # resumed after the epoch that triggered early stopping
-        row = {"epoch": epoch, "lr": optimizer.param_groups[1]["lr"]}
+        row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
         row.update(train_epoch(model, objective, optimizer, scheduler, data, cfg, epoch,
                                device, rank, world_size))
         if nan_fault:

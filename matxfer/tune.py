@@ -29,8 +29,6 @@ from matxfer.storage import checked_files, load_checked
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
 from matxfer.train import predict, score
 
-SEARCHED = ("l2sp", "bss", "lr")
-
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to a cluster (address or RAY_ADDRESS) or start a local instance, dashboard on."""
@@ -49,21 +47,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 class DefineSpace:
-    """Optuna define-by-run space: log-uniform λ, η (each may be 'off') and optionally lr.
-    A class, not a closure, so the searcher's state can be pickled for resume."""
+    """Optuna define-by-run space: log-uniform λ, η, lr decay (each may be 'off'), lr, and
+    categorical strategy counts. A class, not a closure, so the searcher's state can be
+    pickled for resume."""
 
     def __init__(self, search: SearchSpace) -> None:
         self.search = search
 
     def __call__(self, trial) -> None:
-        for name in SEARCHED:
-            rng = getattr(self.search, name)
-            if rng is None:
+        for name in self.search.searched():
+            space = getattr(self.search, name)
+            if isinstance(space, list):
+                trial.suggest_categorical(name, space)
                 continue
-            if name != "lr" and rng.allow_off:
+            if name != "lr" and space.allow_off:
                 if not trial.suggest_categorical(f"{name}_on", [True, False]):
                     continue
-            trial.suggest_float(name, rng.low, rng.high, log=True)
+            trial.suggest_float(name, space.low, space.high, log=True)
 
 
 def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
@@ -77,6 +77,11 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
     if study.search.lr is not None:
         cfg.train.lr = float(params["lr"])
         cfg.train.backbone_lr = float(params["lr"]) * 0.3
+    if study.search.lr_decay is not None and params.get("lr_decay_on", True):
+        cfg.strategy.lr_decay = float(params["lr_decay"])
+    for name in ("freeze_blocks", "lp_epochs"):
+        if getattr(study.search, name) is not None:
+            setattr(cfg.strategy, name, int(params[name]))
     return cfg
 
 
@@ -124,7 +129,8 @@ class TrialLogger(tune.Callback):
                 "backbone_lr": cfg.train.backbone_lr, "init": cfg.model.init,
                 "pooling": cfg.model.pooling, "seed": cfg.train.seed,
                 "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-                "workers": self.study.scaling.num_workers, "fold": self.fold})
+                "workers": self.study.scaling.num_workers, "fold": self.fold,
+                **{f"strategy.{k}": v for k, v in cfg.strategy.model_dump().items()}})
             self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
@@ -184,7 +190,7 @@ def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> 
         return tuner
     spec = get_task(study.run.data.task)
     mode = "max" if spec.kind == "classification" else "min"
-    has_space = any(getattr(study.search, n) is not None for n in SEARCHED)
+    has_space = bool(study.search.searched())
     search_alg = scheduler = None
     if has_space:
         import optuna
@@ -249,6 +255,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
             "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
             "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
+            **cfg.strategy.model_dump(),
             "best_epoch": int(best.metrics["best_epoch"]),
             f"val_{spec.metric}": float(best.metrics["best_val"]),
             f"test_{spec.metric}": score(spec, y, p),

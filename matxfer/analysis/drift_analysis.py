@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from matxfer.analysis.drift import element_drift, element_rows, group_drift, linear_cka
+from matxfer.analysis.drift import (
+    element_drift,
+    element_rows,
+    group_drift,
+    linear_cka,
+    module_group,
+)
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
 from matxfer.config import UserError
@@ -15,6 +21,7 @@ from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, build_model
 from matxfer.predict import CHECKPOINT_FILE, load_predictor
 from matxfer.storage import SIDECAR
+from matxfer.strategies import block_of
 
 
 def mace_element_rows(model: PropertyModel):
@@ -80,11 +87,14 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
     before = pooled_features(start, graphs, rows, batch_size)
     after = pooled_features(tuned.model, graphs, rows, batch_size)
     groups = group_drift(state, state0, names)
+    frozen = sorted({module_group(n) for n in names
+                     if (block_of(n) is not None and block_of(n) < cfg.strategy.freeze_blocks)})
     per_element = element_drift(state, state0, names, mace_element_rows(start), present)
     result = {
         "task": cfg.data.task, "fold": cfg.data.fold, "init": cfg.model.init,
         "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
         "drift": groups, "element_drift": per_element,
+        "frozen_groups": frozen,  # strategy.freeze_blocks: unchanged by construction
         "elements_present": [int(bb.atomic_numbers[i]) for i in present],
         "cka": {layer: linear_cka(before[layer], after[layer]) for layer in before},
         "cka_structures": len(rows),
@@ -104,6 +114,8 @@ def describe(result: dict) -> str:
     for group, value in r["drift"].items():
         extra = r["element_drift"].get(group)
         extra_text = f"   elements in task: {extra:.4g}" if extra is not None else ""
+        if group in r.get("frozen_groups", []):
+            extra_text = "   frozen: unchanged by construction"
         lines.append(f"  {group:16s} {value:.4g}{extra_text}")
     lines.append("  linear CKA before/after: " + ", ".join(
         f"{k} {v:.3f}" for k, v in r["cka"].items()))

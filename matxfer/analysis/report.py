@@ -22,6 +22,8 @@ MATBENCH_TOP = {"matbench_jdft2d": (33.19, "MODNet"), "matbench_phonons": (28.76
 JMP_S = {"matbench_jdft2d": 30.16, "matbench_phonons": 22.77, "matbench_dielectric": 0.252}
 VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
                    "main": "MP0 (L2-SP+BSS)"}
+# strategies beyond the paper: a column each, shown when the experiment holds such runs
+STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze"}
 CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
 
 
@@ -65,17 +67,19 @@ def relative(a: float | None, b: float | None) -> str:
 def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """Table 1 rows (strings, 'mean ± std (folds)'; '-' where there is nothing)."""
     rows = []
+    columns = {**VARIANT_COLUMNS, **{v: c for v, c in STRATEGY_COLUMNS.items()
+                                     if v in set(runs["variant"])}}
     for task in tasks:
         spec = get_task(task)
         part = runs[runs["task"] == task]
-        means = {v: part.loc[part["variant"] == v, "test"] for v in VARIANT_COLUMNS}
+        means = {v: part.loc[part["variant"] == v, "test"] for v in columns}
         mean = {v: (float(s.mean()) if len(s) else None) for v, s in means.items()}
         top = MATBENCH_TOP.get(task)
         row = {"task": task, "metric": f"{spec.metric} [{spec.unit}]",
                "Matbench #1": f"{top[0]} ({top[1]})" if top else "-"}
         subset = part.groupby("variant")["subset"].any() if "subset" in part else {}
         row.update({col: _cell(means[v], bool(subset.get(v, False)))
-                    for v, col in VARIANT_COLUMNS.items()})
+                    for v, col in columns.items()})
         row["JMP-S"] = str(JMP_S[task]) if task in JMP_S else "-"
         ri, mp0 = mean["random-init"], mean["main"]
         if spec.kind == "classification":  # higher is better: (MP0 − RI)/RI

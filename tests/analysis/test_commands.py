@@ -55,6 +55,20 @@ def test_analyze_drift_on_a_checkpoint(tiny_cfg, tmp_path, capsys):
     assert "relative drift" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_analyze_drift_marks_frozen_blocks_unchanged(tmp_path, capsys):
+    """`matxfer train --freeze-blocks 1`: the embedding does not move, drift says why."""
+    args = ["train", "--task", "matbench_jdft2d", "--max-structures", "40", "--epochs", "1",
+            "--batch-size", "8", "--freeze-blocks", "1", "--out", str(tmp_path / "ft"), "--quiet"]
+    assert main(args) == 0
+    assert main(["analyze", "drift", "--checkpoint", str(tmp_path / "ft"), "--max-structures",
+                 "16", "--out", str(tmp_path / "drift"), "--tracking-uri", "off"]) == 0
+    result = json.loads((tmp_path / "drift" / "drift.json").read_text())
+    assert result["frozen_groups"] == ["embedding"] and result["drift"]["embedding"] == 0.0
+    assert result["drift"]["interactions.0"] > 0 and result["cka"]["embedding"] == 1.0
+    assert "frozen: unchanged by construction" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["analyze", "mi", "--tasks", "matbench_nope"], "unknown task 'matbench_nope'"),
     (["analyze", "mi", "--tasks", "matbench_jdft2d", "--bins", "1"], "--bins must be at least 2"),
@@ -103,3 +117,14 @@ def test_table1_shows_dashes_for_tasks_without_runs():
     assert jdft["Matbench #1"] == "33.19 (MODNet)"
     phonons = table.loc["matbench_phonons"]
     assert phonons["MP0 (L2-SP+BSS)"] == "-" and phonons["MP0 vs RI"] == "-"
+
+
+def test_table1_gains_a_column_per_strategy_present():
+    from matxfer.analysis.report import table1
+
+    runs = pd.DataFrame({"task": ["matbench_jdft2d"] * 3, "variant": ["main", "lp-ft", "llrd"],
+                         "fold": [0, 0, 0], "test": [20.0, 22.0, 24.0]})
+    row = table1(runs, ["matbench_jdft2d"]).iloc[0]
+    assert row["MP0 LP-FT"] == "22 ± 0 (1)" and row["MP0 LR decay"] == "24 ± 0 (1)"
+    assert "MP0 freeze" not in row  # no such runs: the paper's columns only
+    assert list(row.index).index("MP0 LP-FT") < list(row.index).index("JMP-S")
