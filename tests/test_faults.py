@@ -19,18 +19,19 @@ print(len(g))
 
 
 def test_fault_two_processes_build_the_same_graph_cache_at_once(tmp_path):
-    """Fault: two writers race on one cache file. Atomic rename: both finish, one intact file."""
+    """Fault: two writers race on one cache file. Atomic renames: both finish, one intact file
+    whose checksum matches."""
     cache = tmp_path / "cache"
     procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(cache)], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert [o[0].strip().splitlines()[-1] for o in outs] == ["636", "636"]
-    files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".pt"  # no temporary file left behind
+    files = sorted(cache.iterdir())  # the cache and its checksum, no temporary file left
+    assert [f.suffix for f in files] == [".pt", ".sha256"]
     from matxfer.graphs import load_graph_set
 
-    assert len(load_graph_set(files[0])) == 636
+    assert len(load_graph_set(files[0])) == 636  # verifies the checksum too
 
 
 @pytest.fixture(scope="module")
