@@ -7,6 +7,8 @@
 #   e.g. bash benchmarks/accuracy.sh tune_configs/cpu/matbench_jdft2d.yaml
 #
 # Finished folds are skipped (their result.json exists), so rerunning continues a campaign.
+# Run it alone: a second Ray instance on the same machine (a test's local Ray) makes Ray's own
+# helper processes fail with "Found multiple active Ray instances" and trials wait forever.
 # Environment: ACC_DIR (runs/accuracy: MLflow store, Ray results, logs), RAY_PORT (26500),
 # MLFLOW_PORT (5077).
 set -euo pipefail
