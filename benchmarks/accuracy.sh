@@ -18,6 +18,7 @@ if [ $# -gt 0 ]; then FOLDS=("$@"); else FOLDS=(0 1 2 3 4); fi
 ACC_DIR=${ACC_DIR:-runs/accuracy}; RAY_PORT=${RAY_PORT:-26500}; MLFLOW_PORT=${MLFLOW_PORT:-5077}
 BIN=.venv/bin; RAY_STATE=/tmp/mxacc-$RAY_PORT
 mkdir -p "$ACC_DIR/logs"
+ACC_DIR=$(cd "$ACC_DIR" && pwd)  # absolute: the MLflow server gets it as DATA_DIR
 LOG=$ACC_DIR/logs/$(basename "$CONFIG" .yaml).log
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 # drivers and Ray workers import this checkout's matxfer (not whatever the venv points to), so
@@ -30,7 +31,7 @@ stop_services() {
 }
 trap stop_services EXIT
 
-DATA_DIR=$PWD/$ACC_DIR/mlflow PORT=$MLFLOW_PORT WORKERS=1 \
+DATA_DIR=$ACC_DIR/mlflow PORT=$MLFLOW_PORT WORKERS=1 \
   setsid mlflow_server/start.sh sqlite > "$ACC_DIR/logs/mlflow.log" 2>&1 < /dev/null &
 MLFLOW_PID=$!
 # the repo's two-node local cluster (token auth, loopback); 3 logical CPUs in all: two

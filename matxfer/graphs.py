@@ -131,8 +131,8 @@ def save_graph_set(graphs: GraphSet, path: Path) -> None:
 
 
 def load_graph_set(path: Path) -> GraphSet:
-    """Memory-mapped: pages are read on demand and shared by every process on the node (trials,
-    DDP workers) through the page cache, so resident memory does not grow with the task size."""
+    """Memory-mapped: tensor pages are read on demand and shared by every process on the node
+    (trials, DDP workers) through the page cache; only ids and offsets live in each process."""
     payload = load_checked(path, mmap=True)
     if payload.get("format") != CACHE_FORMAT:
         raise ValueError(f"graph cache {path} has format {payload.get('format')}")

@@ -50,7 +50,8 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checked(obj: Any, path: str | Path) -> None:
     """torch.save `obj` to `path` atomically, then its checksum sidecar (also atomically).
-    A reader that finds the file without a matching sidecar treats it as corrupted."""
+    A file whose sidecar does not match is corrupted; a file without one (written before
+    checksums, or by someone else) is loaded unchecked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar(path).unlink(missing_ok=True)  # an old sidecar must not vouch for the new file
@@ -65,7 +66,7 @@ def verify(path: str | Path) -> None:
     check = sidecar(path)
     if not check.is_file():
         return
-    expected = check.read_text().split()[0] if check.read_text().strip() else ""
+    expected = (check.read_text().split() or [""])[0]
     if sha256_file(path) != expected:
         raise CorruptFile(f"{path} does not match its checksum ({check.name}): "
                           "the file is truncated or corrupted")

@@ -26,6 +26,7 @@ from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.records import fold_dir, summarize
 from matxfer.run import write_outputs
 from matxfer.storage import checked_files, load_checked
+from matxfer.strategies import n_blocks
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
 from matxfer.train import predict, score
 
@@ -290,9 +291,8 @@ def error_line(err: BaseException) -> str:
     return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
 
 
-def build_graph_cache(study: StudyConfig) -> None:
+def build_graph_cache(study: StudyConfig, model: PropertyModel) -> None:
     """Build the task's graph cache once in the driver; trials only read it."""
-    model = build_model(study.run.model)
     backbone = model.backbone
     task_graphs(study.run.data.task, [int(z) for z in backbone.atomic_numbers],
                 float(backbone.r_max), next(backbone.parameters()).dtype,
@@ -324,19 +324,28 @@ def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
     return outcome["record"]
 
 
-def check_study_space(study: StudyConfig) -> None:
+def check_study_space(study: StudyConfig, model: PropertyModel) -> None:
     """Ray keeps each running trial's last checkpoint (best weights + training state with the
     optimizer's moments: ~5x the weights) and writes the next beside it; the driver writes each
     fold's result. Refuse before training when the disks cannot hold that."""
     from matxfer.run import check_free_space, model_bytes
 
-    weights = model_bytes(build_model(study.run.model))
+    weights = model_bytes(model)
     margin = 16 * 2**20
     check_free_space(Path(study.output_dir), len(study.folds) * 2 * weights + margin,
                      "output_dir")
     if "://" not in study.storage_path:
         check_free_space(Path(study.storage_path),
                          study.max_concurrent_trials * 2 * 5 * weights + margin, "storage_path")
+
+
+def check_strategy(study: StudyConfig, model: PropertyModel) -> None:
+    """Freezing counts are checked against the real backbone here, not mid-trial."""
+    limit = n_blocks(model)
+    for k in [study.run.strategy.freeze_blocks, *(study.search.freeze_blocks or [])]:
+        if k > limit:
+            raise UserError(f"freeze_blocks {k} exceeds the backbone's {limit} blocks; "
+                            f"allowed: 0-{limit}")
 
 
 def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
@@ -348,9 +357,11 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     check_writable(Path(study.output_dir), "output_dir")
     if "://" not in study.storage_path:  # s3:// and friends are checked by Ray
         check_writable(Path(study.storage_path), "storage_path")
-    check_study_space(study)
+    model = build_model(study.run.model)
+    check_strategy(study, model)
+    check_study_space(study, model)
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
-    build_graph_cache(study)
+    build_graph_cache(study, model)
     init_ray(address)
     records = [run_fold(study, fold, tracker) for fold in study.folds]
     table = summarize(study, records)

@@ -35,6 +35,7 @@ CONFIGS = {  # name: (file content, expected message)
     "unknown_task.yaml": ("data:\n  task: matbench_nope\n", "unknown task 'matbench_nope'"),
     "bad_dtype.yaml": ("model:\n  dtype: float16\n", "model.dtype"),
     "bad_fold.yaml": ("data:\n  fold: 9\n", "data.fold"),
+    "bad_lr_decay.yaml": ("strategy:\n  lr_decay: 1.5\n", "strategy.lr_decay"),
 }
 
 STUDY_CONFIGS = {
@@ -42,6 +43,10 @@ STUDY_CONFIGS = {
     "study_zero_samples.yaml": ("num_samples: 0\n", "num_samples"),
     "study_bad_range.yaml": ("search:\n  l2sp: {low: 1.0, high: 0.1}\n",
                              "high (0.1) must exceed low (1.0)"),
+    "study_freeze_too_deep.yaml": ("search:\n  freeze_blocks: [1, 5]\n",
+                                   "freeze_blocks 5 exceeds the backbone's 3 blocks"),
+    "study_decay_above_one.yaml": ("search:\n  lr_decay: {low: 0.5, high: 2.0}\n",
+                                   "lr_decay.high (2.0) must be at most 1"),
 }
 
 FLAGS = [  # argv (OUT is replaced by the output path), expected message
