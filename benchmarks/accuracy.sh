@@ -5,6 +5,10 @@
 #
 #   bash benchmarks/accuracy.sh CONFIG [FOLD ...]      # default folds 0 1 2 3 4
 #   e.g. bash benchmarks/accuracy.sh tune_configs/cpu/matbench_jdft2d.yaml
+#   PHASES="llrd,freeze lp-ft" bash benchmarks/accuracy.sh CONFIG   # the strategy comparison
+#
+# PHASES (default "main,no-reg random-init"): comma-separated phases run one after the other
+# per fold; the variants of one phase (space-separated) run side by side.
 #
 # Finished folds are skipped (their result.json exists), so rerunning continues a campaign.
 # Run it alone: a second Ray instance on the same machine (a test's local Ray) makes Ray's own
@@ -46,22 +50,25 @@ tune() {  # variant, fold
 }
 stamp() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
 
-stamp "campaign $CONFIG folds ${FOLDS[*]} on $(nproc) cores"
+PHASES=${PHASES:-main,no-reg random-init}
+IFS=, read -r -a PHASE_LIST <<< "$PHASES"
+stamp "campaign $CONFIG folds ${FOLDS[*]} phases [$PHASES] on $(nproc) cores"
 for fold in "${FOLDS[@]}"; do
-  start=$SECONDS
-  tune main "$fold" >> "$LOG" 2>&1 || stamp "fold $fold main FAILED (see $LOG)"
-  stamp "fold $fold main done ($((SECONDS - start)) s)"
-  start=$SECONDS
-  tune no-reg "$fold" >> "$LOG.no-reg" 2>&1 & a=$!
-  tune random-init "$fold" >> "$LOG.random-init" 2>&1 & b=$!
-  wait "$a" || stamp "fold $fold no-reg FAILED (see $LOG.no-reg)"
-  wait "$b" || stamp "fold $fold random-init FAILED (see $LOG.random-init)"
-  stamp "fold $fold no-reg + random-init done ($((SECONDS - start)) s)"
+  for phase in "${PHASE_LIST[@]}"; do
+    start=$SECONDS; pids=(); names=()
+    for variant in $phase; do
+      tune "$variant" "$fold" >> "$LOG.$variant" 2>&1 & pids+=($!); names+=("$variant")
+    done
+    for i in "${!pids[@]}"; do
+      wait "${pids[$i]}" || stamp "fold $fold ${names[$i]} FAILED (see $LOG.${names[$i]})"
+    done
+    stamp "fold $fold $phase done ($((SECONDS - start)) s)"
+  done
 done
 # all five folds finished: these reruns only read result.json and write the 5-fold summary,
 # the Matbench record and the MLflow summary
 if [ "${#FOLDS[@]}" -eq 5 ] || [ "${ALL_FOLDS:-0}" = 1 ]; then
-  for variant in main no-reg random-init; do
+  for variant in ${PHASES//,/ }; do
     "$BIN/matxfer" tune "$CONFIG" --variant "$variant" --address "127.0.0.1:$RAY_PORT" >> "$LOG" 2>&1
   done
   task=$(basename "$CONFIG" .yaml)

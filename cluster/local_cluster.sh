@@ -19,7 +19,9 @@ RAY=${RAY:-$ROOT/.venv/bin/ray}
 
 start_node() {  # name, then ray start flags; runs in its own session so stop can kill the group
   local name=$1; shift
-  setsid "$RAY" start --block --node-ip-address 127.0.0.1 --disable-usage-stats "$@" \
+  # RAY_ADDRESS in the nodes' environment: Ray's helpers in the workers then query this
+  # cluster's state API, not whichever other Ray instance runs on the machine
+  RAY_ADDRESS=127.0.0.1:$P setsid "$RAY" start --block --node-ip-address 127.0.0.1 --disable-usage-stats "$@" \
     > "$STATE_DIR/$name.log" 2>&1 < /dev/null &
   echo $! > "$STATE_DIR/$name.pid"
 }

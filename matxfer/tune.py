@@ -8,6 +8,7 @@ is exactly the model the search selected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -34,6 +35,9 @@ from matxfer.train import predict, score
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to a cluster (address or RAY_ADDRESS) or start a local instance, dashboard on."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # Snapshot the experiment state at least every 2 s (Tune's "auto" waits >= 10 s): after a
+    # SIGKILL of the driver, a trial that finished before the last snapshot is not run again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -43,8 +47,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # One logical CPU on top of the cores: each running trial's coordinator holds 0.01 CPU
         # and only waits on its workers, so N one-CPU workers still fit on N cores.
         num_cpus = num_cpus or (os.cpu_count() or 1) + 1
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=False)
+        with pinned_local_address():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                     _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                     log_to_driver=False)
+
+
+@contextlib.contextmanager
+def pinned_local_address():
+    """Choose the local instance's GCS port up front and export it as RAY_ADDRESS while Ray
+    starts, so its processes and workers inherit it: Ray's own helpers in the workers (Train's
+    placement-group cleaner asks the state API for "the" cluster) then find this instance, not
+    another one on the machine or a stale /tmp/ray/ray_current_cluster; picking the wrong one
+    removed live trials' resources. The driver's environment is restored afterwards."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in pinned}
+    os.environ.update(pinned)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class DefineSpace:

@@ -215,54 +215,96 @@ def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
     assert json.loads(path.read_text())["@class"] == "MatbenchBenchmark"
 
 
+def _recorded_terminated(experiment) -> set[str]:
+    """Trial ids that the driver's newest experiment-state snapshot records as finished."""
+    snapshots = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not snapshots:
+        return set()
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except ValueError:  # caught mid-write
+        return set()
+    trials = [json.loads(t[0]) for t in state["trial_data"]]
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+
+
+def _stop_after(driver, experiment, n_done: int, how) -> dict[str, str]:
+    """Wait until n_done trials finished (both epochs reported, and recorded in the
+    driver's experiment state), then interrupt the driver with `how`; returns the finished
+    trials' result.json texts."""
+    import time
+
+    def finished() -> dict[str, str]:
+        done = {}
+        for path in experiment.glob("_trial_*/result.json"):
+            text = path.read_text()
+            if text.count("\n") >= 2:
+                done[path.parent.name] = text
+        return done
+
+    deadline = time.time() + 400
+    while time.time() < deadline and driver.poll() is None and not (
+            len(finished()) >= n_done and len(_recorded_terminated(experiment)) >= n_done):
+        time.sleep(0.5)
+    done = finished()
+    if len(done) != n_done or driver.poll() is not None:
+        driver.kill()
+        _, err = driver.communicate(timeout=60)
+        folders = sorted(p.name for p in experiment.glob("_trial_*"))
+        raise AssertionError(f"expected {n_done} finished trial(s) before interrupting, found "
+                             f"{folders}; driver exit {driver.returncode}, stderr:\n{err[-4000:]}")
+    how(driver)
+    return done
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
-    """Ctrl-C (SIGINT) the driver after its first trial finished; rerunning the same command
-    finishes the study and leaves the finished trial untouched."""
+def test_fault_driver_interrupted_then_sigkilled_resumes_without_rerunning_finished_trials(
+        tmp_path):
+    """Faults: Ctrl-C (SIGINT) of the driver after trial 1, then SIGKILL of the rerun's whole
+    process group (driver, its Ray instance and workers) after trial 2. The third run of the
+    same command finishes the study: finished trials are not run again, the Optuna history
+    is kept (3 trials in all), MLflow holds one parent run and one run per trial."""
+    import os
     import signal
     import subprocess
     import sys
-    import time
 
     cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3)
     command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
     experiment = tmp_path / "ray" / "matbench_jdft2d-main-fold0"
+    fold0 = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
 
-    def finished_trials() -> dict[str, str]:
-        done = {}
-        for path in experiment.glob("_trial_*/result.json"):
-            text = path.read_text()
-            if text.count("\n") >= 2:  # both epochs reported
-                done[path.parent.name] = text
-        return done
+    def start():
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
 
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
-    # with one trial at a time, a second trial folder means the first one has terminated
-    while (len(list(experiment.glob("_trial_*"))) < 2 and time.time() < deadline
-           and driver.poll() is None):
-        time.sleep(0.5)
-    first = finished_trials()
-    assert len(first) == 1, "the first trial did not finish in time"
-    driver.send_signal(signal.SIGINT)
+    driver = start()
+    first = _stop_after(driver, experiment, 1, lambda d: d.send_signal(signal.SIGINT))
     _, err = driver.communicate(timeout=180)
     assert driver.returncode == 130, err[-2000:]
     assert "rerun the same command to resume" in err
-    assert not (tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0").exists()
+    assert not fold0.exists()
+
+    driver = start()
+    second = _stop_after(driver, experiment, 2, lambda d: os.killpg(d.pid, signal.SIGKILL))
+    driver.communicate(timeout=60)
+    assert driver.returncode == -signal.SIGKILL
+    assert not fold0.exists()
+    assert first.items() <= second.items()  # the rerun left trial 1 alone
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    result = json.loads((tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0" /
-                         "result.json").read_text())
+    result = json.loads((fold0 / "result.json").read_text())
     assert result["n_trials"] == 3
-    (name, text), = first.items()
-    assert (experiment / name / "result.json").read_text() == text  # not run again
+    for name, text in second.items():
+        assert (experiment / name / "result.json").read_text() == text  # not run again
     assert len(list(experiment.glob("_trial_*"))) == 3
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("matbench_jdft2d").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(runs) - len(children) == 1  # the resumed study reused its parent run
+    assert len(runs) - len(children) == 1  # every resumed run reused the fold's parent run
     assert len({r.data.tags["matxfer.trial_id"] for r in children}) == len(children) == 3
+    assert all(r.info.status == "FINISHED" for r in children)
