@@ -100,7 +100,10 @@ def add_analysis_parsers(sub) -> None:
                        help="training-fold structures for CKA")
     drift.add_argument("--out", help="output folder (default runs/analysis/drift-<name>)")
     report = sub.add_parser("report", help="Table 1 and Figure 1 panels from MLflow runs")
-    report.add_argument("--experiment", nargs="+", required=True, help="MLflow experiment(s)")
+    source = report.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", nargs="+", help="MLflow experiment(s)")
+    source.add_argument("--results", help="a study output_dir instead of MLflow: reads "
+                        "<task>/<variant>/fold<k>/result.json")
     report.add_argument("--tasks", nargs="+", help="rows of the table (default: tasks found)")
     report.add_argument("--out", default="runs/report", help="output folder")
     for parser in (mi, drift, report):

@@ -291,6 +291,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
             "best_epoch": int(best.metrics["best_epoch"]),
             f"val_{spec.metric}": float(best.metrics["best_val"]),
             f"test_{spec.metric}": score(spec, y, p),
+            "max_structures": cfg.data.max_structures,
             "n_trials": len(results), "n_train": len(data.split.train),
             "n_val": len(data.split.val), "n_test": len(data.split.test),
         }

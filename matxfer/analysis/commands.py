@@ -96,9 +96,11 @@ def run_drift(args: argparse.Namespace) -> str:
 def run_report(args: argparse.Namespace) -> str:
     from matxfer.analysis.report import build_report
 
-    if args.tracking_uri == "off":
-        raise UserError("report reads MLflow runs: '--tracking-uri off' is not allowed here")
-    files = build_report(args.experiment, args.tasks, args.tracking_uri)
+    if args.tracking_uri == "off" and not args.results:
+        raise UserError("report reads MLflow runs: '--tracking-uri off' is not allowed here "
+                        "(or pass --results DIR)")
+    files = build_report(args.experiment, args.tasks, args.tracking_uri,
+                         Path(args.results) if args.results else None)
     out = Path(args.out)
     write_outputs(out, files)
     return files["table1.md"].decode() + f"\nwrote {out}: " + ", ".join(files)

@@ -52,6 +52,31 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def collect_results(results_dir: Path) -> pd.DataFrame:
+    """The same rows as `collect_runs`, from the files `matxfer tune` writes:
+    <results_dir>/<task>/<variant>/fold<k>/result.json (no MLflow store needed)."""
+    import json
+
+    if not results_dir.is_dir():
+        raise UserError(f"--results {str(results_dir)!r} is not a folder; it should hold "
+                        f"<task>/<variant>/fold<k>/result.json, as `matxfer tune` writes")
+    rows = []
+    for path in sorted(results_dir.glob("*/*/fold[0-4]/result.json")):
+        record = json.loads(path.read_text())
+        metric = f"test_{get_task(record['task']).metric}"
+        rows.append({"task": record["task"], "variant": record["variant"],
+                     "fold": int(record["fold"]), "test": float(record[metric]),
+                     "run_id": record.get("mlflow_run_id", ""), "experiment_id": "",
+                     "best_trial": record.get("trial_id", ""),
+                     "subset": record.get("max_structures") is not None})
+    if not rows:
+        raise UserError(f"--results {str(results_dir)!r} holds no "
+                        f"<task>/<variant>/fold<k>/result.json")
+    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial",
+               "subset"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _cell(values: pd.Series, subset: bool = False) -> str:
     """'mean ± std (folds)'; '*' marks runs on a subset of the task (not comparable)."""
     if values.empty:
@@ -112,6 +137,19 @@ def best_child_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
 
 
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    from matxfer.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {uri}; pass --tracking-uri or run from the "
+                        f"folder holding mlflow.db")
+    return MlflowClient(uri)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     head = "| " + " | ".join(table.columns) + " |"
     rule = "| " + " | ".join("---" for _ in table.columns) + " |"
@@ -119,31 +157,31 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def build_report(experiments: list[str], tasks: list[str] | None,
-                 tracking_uri: str | None = None) -> dict[str, object]:
-    """The report's files: table1.md/.csv, runs.csv and the Figure 1 panels (PNG bytes)."""
-    from mlflow import MlflowClient
-
+def build_report(experiments: list[str] | None, tasks: list[str] | None,
+                 tracking_uri: str | None = None,
+                 results_dir: Path | None = None) -> dict[str, object]:
+    """The report's files: table1.md/.csv, runs.csv and the Figure 1 panels (PNG bytes).
+    From MLflow parent runs (`experiments`), or from result files (`results_dir`: Table 1
+    and the per-fold panel; the training curves live in MLflow only)."""
     from matxfer.analysis import figures
-    from matxfer.tracking import check_reachable, resolve_tracking_uri
 
     for task in tasks or []:
         get_task(task)
-    uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri}; pass --tracking-uri or run from the "
-                        f"folder holding mlflow.db")
-    client = MlflowClient(uri)
-    runs = collect_runs(client, experiments)
+    if results_dir is not None:
+        runs = collect_results(results_dir)
+        curves = pd.DataFrame(columns=["task", "variant", "fold", "epoch", *CURVE_KEYS])
+    else:
+        client = _client(tracking_uri)
+        runs = collect_runs(client, experiments or [])
+        curves = best_child_curves(client, runs)
     tasks = tasks or sorted(runs["task"].unique())
     table = table1(runs, tasks)
-    curves = best_child_curves(client, runs)
-    return {
+    files: dict[str, object] = {
         "table1.md": to_markdown(table).encode(), "table1.csv": table, "runs.csv": runs,
-        "figure1_training_loss.png": figures.curves_by_task(curves, ["train_loss"],
-                                                            "training loss"),
-        "figure1_fold_metrics.png": figures.fold_metrics(runs, "test metric"),
-        "figure1_regularizers.png": figures.curves_by_task(
-            curves[curves["variant"] == "main"], ["l2sp_term", "bss_term"], "weighted term"),
-    }
+        "figure1_fold_metrics.png": figures.fold_metrics(runs, "test metric")}
+    if len(curves):  # from MLflow only
+        files["figure1_training_loss.png"] = figures.curves_by_task(
+            curves, ["train_loss"], "training loss")
+        files["figure1_regularizers.png"] = figures.curves_by_task(
+            curves[curves["variant"] == "main"], ["l2sp_term", "bss_term"], "weighted term")
+    return files

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -128,3 +129,25 @@ def test_table1_gains_a_column_per_strategy_present():
     assert row["MP0 LP-FT"] == "22 ± 0 (1)" and row["MP0 LR decay"] == "24 ± 0 (1)"
     assert "MP0 freeze" not in row  # no such runs: the paper's columns only
     assert list(row.index).index("MP0 LP-FT") < list(row.index).index("JMP-S")
+
+
+def test_report_from_result_files_without_mlflow(tmp_path, capsys):
+    """`report --results DIR` reads what `matxfer tune` wrote: Table 1 from result.json files
+    (three folds of main, one of random-init), no tracking store involved."""
+    tests = {("main", 0): 20.0, ("main", 1): 30.0, ("main", 2): 40.0, ("random-init", 0): 60.0}
+    for (variant, fold), mae in tests.items():
+        folder = tmp_path / "studies" / "matbench_jdft2d" / variant / f"fold{fold}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({
+            "task": "matbench_jdft2d", "variant": variant, "fold": fold, "test_mae": mae,
+            "trial_id": "t", "max_structures": None}))
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(tmp_path / "studies"), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table1.csv").set_index("task").loc["matbench_jdft2d"]
+    assert table["MP0 (L2-SP+BSS)"] == f"30 ± {np.std([20, 30, 40]):.2g} (3)"
+    assert table["MACE-RI"] == "60 ± 0 (1)" and table["MP0 (no reg)"] == "-"
+    assert table["MP0 vs RI"] == "+50.0%"  # (60 - 30) / 60
+    assert sorted(p.name for p in out.iterdir()) == [
+        "figure1_fold_metrics.png", "runs.csv", "table1.csv", "table1.md"]
+    assert main(["report", "--results", str(tmp_path / "empty")]) == 2
+    assert "--results" in capsys.readouterr().err
