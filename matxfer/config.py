@@ -191,6 +191,8 @@ class SearchSpace(_Strict):
     lr_decay: SearchRange | None = Field(None, description="log-uniform in (0, 1]; off = 1")
     freeze_blocks: list[int] | None = Field(None, description="choices of k")
     lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
+    pooling: list[Pooling] | None = Field(None, description="choices of readout pooling, "
+                                          "picked per fold by validation")
 
     @model_validator(mode="after")
     def _valid_strategy_space(self) -> SearchSpace:
@@ -200,6 +202,8 @@ class SearchSpace(_Strict):
             choices = getattr(self, name)
             if choices is not None and (not choices or min(choices) < 0):
                 raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
+        if self.pooling is not None and not self.pooling:
+            raise ValueError("pooling must list one or more of mean, sum, max, mean+max")
         return self
 
     def searched(self) -> list[str]:

@@ -114,6 +114,8 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
     for name in ("freeze_blocks", "lp_epochs"):
         if getattr(study.search, name) is not None:
             setattr(cfg.strategy, name, int(params[name]))
+    if study.search.pooling is not None:
+        cfg.model.pooling = params["pooling"]
     return cfg
 
 
@@ -286,6 +288,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
         record = {
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
             "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
+            "pooling": cfg.model.pooling,
             "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
             **cfg.strategy.model_dump(),
             "best_epoch": int(best.metrics["best_epoch"]),

@@ -41,6 +41,16 @@ def test_space_proposes_log_uniform_values_or_off(study_yaml):
         study_opt.tell(trial, 1.0)
 
 
+def test_pooling_is_searchable_per_fold(study_yaml):
+    study = load_study_config(study_yaml, {"search.pooling": ["mean", "max"]})
+    trial = optuna.trial.FixedTrial({"l2sp_on": False, "bss_on": False, "pooling": "max"})
+    DefineSpace(study.search)(trial)
+    assert trial.params["pooling"] == "max"
+    assert trial_run_config(study, 0, trial.params).model.pooling == "max"
+    with pytest.raises(UserError, match="search.pooling"):
+        load_study_config(study_yaml, {"search.pooling": ["median"]})
+
+
 def test_variants_are_config_changes(study_yaml):
     ri = load_study_config(study_yaml, variant="random-init")
     assert ri.name == "random-init" and ri.run.model.init == "random"
