@@ -9,7 +9,8 @@ between the bench markers of benchmarks/README.md.
 3. graph cache: build vs load of the same structures
 4. study overhead: trial training time vs the study's wall time (Ray, Tune, MLflow, test pass)
 5. memory: RSS of the dielectric graph cache, loaded and memory-mapped; mp_e_form projected
-6. projection of the full programme's wall time from the measured rates (derived)
+6. TorchScript warm-up: first training steps of a fresh process, profiling executor on vs off
+7. projection of the full programme's wall time from the measured rates (derived)
 """
 
 from __future__ import annotations
@@ -176,6 +177,52 @@ def memory(task: str) -> dict:
             "projection_note": "derived: dielectric's bytes per structure x 132,752"}
 
 
+WARMUP_PROBE = """
+import json, sys, time, torch
+if sys.argv[1] == 'off':
+    torch._C._jit_set_profiling_executor(False)
+torch.set_num_threads(int(sys.argv[3]))
+from matxfer.config import ModelConfig
+from matxfer.graphs import iterate_batches, task_graphs
+from matxfer.model import build_model
+model = build_model(ModelConfig())
+bb = model.backbone
+graphs = task_graphs('matbench_jdft2d', [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+                     next(bb.parameters()).dtype, progress=False)
+opt = torch.optim.AdamW(model.parameters(), 1e-4)
+times = []
+for batch in iterate_batches(graphs, range(16 * int(sys.argv[2])), 16, shuffle=True, seed=1):
+    start = time.perf_counter()
+    pred, _ = model(batch)
+    loss = (pred - batch['y'].to(pred.dtype)).abs().mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    times.append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def torchscript_warmup(steps: int = 16, repeats: int = 2, threads: int = 2) -> dict:
+    """Per-step seconds of the first `steps` training steps (jdft2d, batch 16, shapes vary per
+    batch) in fresh processes, with TorchScript's profiling executor (the default) and
+    without it; processes alternate. Warm-up = the first 3 steps, steady = median of the rest."""
+    runs: dict[str, list[list[float]]] = {"on": [], "off": []}
+    for _ in range(repeats):
+        for mode in runs:
+            out = subprocess.run([sys.executable, "-c", WARMUP_PROBE, mode, str(steps),
+                                  str(threads)], capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def summary(mode: str) -> dict:
+        warm = [sum(t[:3]) for t in runs[mode]]
+        steady = [sorted(t[3:])[len(t[3:]) // 2] for t in runs[mode]]
+        return {"warmup_s": min(warm), "steady_step_s": min(steady)}
+
+    on, off = summary("on"), summary("off")
+    return {"steps": steps, "repeats": repeats, "per_step_s": runs, "on": on, "off": off,
+            "ratio_warmup_off_vs_on": off["warmup_s"] / on["warmup_s"],
+            "ratio_steady_off_vs_on": off["steady_step_s"] / on["steady_step_s"]}
+
+
 def asha_epochs(max_epochs: int, grace: int, factor: float) -> float:
     """Expected epochs per trial under synchronous successive halving (a lower bound for
     Tune's asynchronous ASHA, which promotes earlier): rungs at grace·factor^k."""
@@ -217,6 +264,7 @@ def projection(train_rate: float, forward_rate: float, trials: int = 20, epochs:
 def markdown(results: dict, command: str) -> str:
     t, f, g = results["throughput"], results["forward"], results["graph_cache"]
     s, m, p = results["study"], results["memory"], results["projection"]
+    w = results["warmup"]
     lines = [
         f"Measured by `{command}` on {HARDWARE}.", "",
         "| # | benchmark | measured | baseline (same command) | ratio |",
@@ -233,7 +281,12 @@ def markdown(results: dict, command: str) -> str:
         f"{s['study_wall_s']:.1f} s | **{s['ratio_training_vs_wall']:.2f}** |",
         f"| 5 | RSS, {m['task']} graphs memory-mapped | {m['rss_added_mmap'] / 2**20:.0f} MiB | "
         f"loaded {m['rss_added_loaded'] / 2**20:.0f} MiB ({m['structures']} structures) | "
-        f"**{m['ratio_mmap_vs_loaded']:.2f}** |", "",
+        f"**{m['ratio_mmap_vs_loaded']:.2f}** |",
+        f"| 6 | first 3 training steps, profiling executor off | {w['off']['warmup_s']:.2f} s "
+        f"(steady step {w['off']['steady_step_s']:.3f} s) | executor on (default) "
+        f"{w['on']['warmup_s']:.2f} s (steady {w['on']['steady_step_s']:.3f} s) | "
+        f"**{w['ratio_warmup_off_vs_on']:.2f}** (steady {w['ratio_steady_off_vs_on']:.2f}) |",
+        "",
         f"Projected RSS of mp_e_form's graphs fully loaded: "
         f"{m['projected_mp_e_form_loaded_bytes'] / 2**30:.1f} GiB (derived from {m['task']}'s "
         f"bytes per structure).", "",
@@ -277,6 +330,7 @@ def main() -> None:
         "graph_cache": graph_cache("matbench_dielectric", n),
         "study": study_overhead(),
         "memory": memory("matbench_dielectric"),
+        "warmup": torchscript_warmup(12 if args.quick else 16),
     }
     results["projection"] = projection(max(results["throughput"]["matxfer_structures_per_s"]),
                                        max(results["forward"]["matxfer_structures_per_s"]))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from matxfer.config import StudyInterrupted, UserError
+from matxfer.config import VARIANTS, StudyInterrupted, UserError
 
 # CLI flag -> dotted config path; every override goes through the same pydantic model.
 TRAIN_FLAGS = {
@@ -27,6 +27,7 @@ TRAIN_FLAGS = {
 }
 
 TUNE_FLAGS = {
+    "pooling": ("run.model.pooling", str),
     "num_samples": ("num_samples", int), "max_concurrent_trials": ("max_concurrent_trials", int),
     "num_workers": ("scaling.num_workers", int), "epochs": ("run.train.epochs", int),
     "max_structures": ("run.data.max_structures", int), "storage_path": ("storage_path", str),
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="hyperparameter study per fold (Ray Tune + Optuna)")
     tune.add_argument("config", help="study YAML (tune_configs/<task>.yaml)")
     tune.add_argument("--variant", default="main",
-                      help="main | no-reg (regularisers off) | random-init (MACE-RI)")
+                      help=" | ".join(VARIANTS) + " (see README: variants)")
     tune.add_argument("--folds", type=int, nargs="+", help="subset of the folds to run")
     for flag, (_, kind) in TUNE_FLAGS.items():
         tune.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)

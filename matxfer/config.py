@@ -5,6 +5,7 @@ Every error surfaces at load time as a :class:`UserError` naming the field and w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +211,14 @@ class SearchSpace(_Strict):
         """Names of the searched hyperparameters."""
         return [n for n in type(self).model_fields if getattr(self, n) is not None]
 
+    def grid_size(self) -> int | None:
+        """Number of combinations when every searched entry is a list of choices (the space
+        is then enumerated, not sampled); None when a range is searched."""
+        entries = [getattr(self, n) for n in self.searched()]
+        if not entries or not all(isinstance(e, list) for e in entries):
+            return None
+        return math.prod(len(set(e)) for e in entries)
+
 
 class ScalingSettings(_Strict):
     """Ray Train workers per trial: one per GPU with NCCL, or gloo CPU workers."""
@@ -270,6 +279,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "llrd": {"name": "llrd", **_PLAIN,
              "search.lr_decay": {"low": 0.2, "high": 1.0, "allow_off": False}},
     "freeze": {"name": "freeze", **_PLAIN, "search.freeze_blocks": [1, 2]},
+    # plain fine-tuning, the readout pooling picked by validation (a per-task pilot)
+    "pooling": {"name": "pooling", **_PLAIN, "search.pooling": ["mean", "max"]},
 }
 
 
@@ -290,4 +301,7 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
         raise UserError(f"invalid study config: {format_validation_error(err)}") from None
     if not study.search.searched() and study.num_samples > 1:
         study.num_samples = 1  # nothing left to search: one run per fold
+    grid = study.search.grid_size()
+    if grid is not None and study.num_samples > grid:
+        study.num_samples = grid  # choices only: each combination once, no repeats
     return study

@@ -224,14 +224,8 @@ def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> 
         return tuner
     spec = get_task(study.run.data.task)
     mode = "max" if spec.kind == "classification" else "min"
-    has_space = bool(study.search.searched())
-    search_alg = scheduler = None
-    if has_space:
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(space=DefineSpace(study.search), metric="best_val", mode=mode,
-                                  sampler=optuna.samplers.TPESampler(seed=study.seed + fold))
+    search_alg, param_space, samples = search_for(study, fold, mode)
+    scheduler = None
     if study.asha.enabled and study.num_samples > 1:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -240,13 +234,32 @@ def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> 
                                   grace_period=study.asha.grace_period,
                                   reduction_factor=study.asha.reduction_factor)
     return tune.Tuner(
-        trainable,
+        trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg,
-                                    scheduler=scheduler, num_samples=study.num_samples,
+                                    scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=study.max_concurrent_trials),
         run_config=tune.RunConfig(name=study_name(study, fold), callbacks=callbacks,
                                   storage_path=storage_uri(study), verbose=0),
     )
+
+
+def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict | None, int]:
+    """(search algorithm, param space, Tune's num_samples) of a study. A space of choices
+    only is a grid, each combination run once (TPE's random start-up would repeat some,
+    and Optuna's brute-force sampler cannot run ask-and-tell); ranges go to Optuna's TPE."""
+    if not study.search.searched():
+        return None, None, study.num_samples
+    if study.search.grid_size() is not None:
+        grid = {name: tune.grid_search(list(dict.fromkeys(getattr(study.search, name))))
+                for name in study.search.searched()}
+        return None, grid, 1
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=study.seed + fold)
+    search_alg = OptunaSearch(space=DefineSpace(study.search), metric="best_val", mode=mode,
+                              sampler=sampler)
+    return search_alg, None, study.num_samples
 
 
 def best_checkpoint_file(result) -> ray.train.Checkpoint | None:

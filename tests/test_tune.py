@@ -51,6 +51,26 @@ def test_pooling_is_searchable_per_fold(study_yaml):
         load_study_config(study_yaml, {"search.pooling": ["median"]})
 
 
+@pytest.mark.parametrize("variant, choices", [("freeze", [1, 2]), ("pooling", ["mean", "max"])])
+def test_a_space_of_choices_only_is_a_grid_run_once(study_yaml, variant, choices):
+    """num_samples (4 in the YAML) is capped at the number of combinations, and the study
+    runs each combination once (a Tune grid), not sampled with repeats."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from matxfer.tune import search_for
+
+    study = load_study_config(study_yaml, variant=variant)
+    assert study.num_samples == 2 and study.search.grid_size() == 2
+    search_alg, space, samples = search_for(study, 0, "min")
+    assert search_alg is None and samples == 1
+    name = study.search.searched()[0]
+    proposed = [config[name] for _, config in generate_variants(space)]
+    assert proposed == choices
+    trial = trial_run_config(study, 0, {name: proposed[1]})
+    value = trial.model.pooling if name == "pooling" else trial.strategy.freeze_blocks
+    assert value == choices[1]
+
+
 def test_variants_are_config_changes(study_yaml):
     ri = load_study_config(study_yaml, variant="random-init")
     assert ri.name == "random-init" and ri.run.model.init == "random"
