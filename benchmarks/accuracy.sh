@@ -14,7 +14,7 @@
 # Run it alone: a second Ray instance on the same machine (a test's local Ray) makes Ray's own
 # helper processes fail with "Found multiple active Ray instances" and trials wait forever.
 # Environment: ACC_DIR (runs/accuracy: MLflow store, Ray results, logs), RAY_PORT (26500),
-# MLFLOW_PORT (5077).
+# MLFLOW_PORT (5077), TUNE_ARGS (extra `matxfer tune` flags for every study).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: benchmarks/accuracy.sh CONFIG [FOLD ...]}; shift
@@ -45,8 +45,10 @@ STATE_DIR=$RAY_STATE PORT_BASE=$RAY_PORT HEAD_CPUS=2 WORKER_CPUS=1 cluster/local
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_STATE/token
 for _ in $(seq 60); do curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null && break; sleep 1; done
 
-tune() {  # variant, fold
-  "$BIN/matxfer" tune "$CONFIG" --variant "$1" --folds "$2" --address "127.0.0.1:$RAY_PORT"
+tune() {  # variant, fold; TUNE_ARGS (e.g. "--pooling max") go to every study
+  # shellcheck disable=SC2086
+  "$BIN/matxfer" tune "$CONFIG" --variant "$1" --folds "$2" --address "127.0.0.1:$RAY_PORT" \
+    ${TUNE_ARGS:-}
 }
 stamp() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
 
@@ -69,7 +71,9 @@ done
 # the Matbench record and the MLflow summary
 if [ "${#FOLDS[@]}" -eq 5 ] || [ "${ALL_FOLDS:-0}" = 1 ]; then
   for variant in ${PHASES//,/ }; do
-    "$BIN/matxfer" tune "$CONFIG" --variant "$variant" --address "127.0.0.1:$RAY_PORT" >> "$LOG" 2>&1
+    # shellcheck disable=SC2086
+    "$BIN/matxfer" tune "$CONFIG" --variant "$variant" --address "127.0.0.1:$RAY_PORT" \
+      ${TUNE_ARGS:-} >> "$LOG" 2>&1
   done
   task=$(basename "$CONFIG" .yaml)
   "$BIN/matxfer" report --experiment "$task" --tasks "$task" --out "$ACC_DIR/report-$task" >> "$LOG" 2>&1
