@@ -47,6 +47,8 @@ STUDY_CONFIGS = {
                                    "freeze_blocks 5 exceeds the backbone's 3 blocks"),
     "study_decay_above_one.yaml": ("search:\n  lr_decay: {low: 0.5, high: 2.0}\n",
                                    "lr_decay.high (2.0) must be at most 1"),
+    "study_bad_pooling_choice.yaml": ("search:\n  pooling: [mean, median]\n", "search.pooling"),
+    "study_no_pooling_choice.yaml": ("search:\n  pooling: []\n", "pooling must list one"),
 }
 
 FLAGS = [  # argv (OUT is replaced by the output path), expected message
@@ -62,6 +64,10 @@ FLAGS = [  # argv (OUT is replaced by the output path), expected message
      "num_samples"),
     (["tune", "tune_configs/quickstart.yaml", "--output-dir", "/proc/matxfer-out"],
      "output_dir '/proc/matxfer-out' is not writable"),
+    (["tune", "tune_configs/quickstart.yaml", "--pooling", "median", "--output-dir", "OUT"],
+     "run.model.pooling"),
+    (["report", "--results", "no/such/folder", "--out", "OUT"],
+     "--results 'no/such/folder' is not a folder"),
     (["data", "folds", "--task", "matbench_nope"], "unknown task 'matbench_nope'"),
     (["predict", "--model", "no/such/checkpoint", "x.cif", "--out", "OUT"],
      "not a checkpoint path nor a registered model"),
