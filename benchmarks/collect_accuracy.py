@@ -1,11 +1,12 @@
-"""Copy an accuracy campaign's results into benchmarks/results/accuracy/<task>/ and print the
-per-fold table for benchmarks/README.md.
+"""Copy an accuracy campaign's results into benchmarks/results/accuracy/<task>/, build Table 1
+from them (`matxfer report --results`) and print the per-fold and per-variant tables for
+benchmarks/README.md.
 
     .venv/bin/python benchmarks/collect_accuracy.py runs/accuracy matbench_jdft2d
 
-Reads <acc_dir>/studies/<task>/<variant>/fold<k>/result.json (what `matxfer tune` wrote),
-the per-variant summary.json and matbench_results.json, <acc_dir>/report-<task>/ (what
-`matxfer report` wrote) and the campaign log (wall time per fold).
+Reads <acc_dir>/studies/<task>/<variant>/fold<k>/result.json (what `matxfer tune` wrote), the
+per-variant summary.json and matbench_results.json, and the campaign log (wall time per fold
+and phase, appended to the stamps already collected).
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import shutil
 import sys
 from pathlib import Path
 
-VARIANTS = ("main", "no-reg", "random-init")
+import numpy as np
+
+ORDER = ("main", "no-reg", "random-init", "lp-ft", "llrd", "freeze", "pooling")
 COPIED = ("summary.json", "summary.csv", "matbench_results.json")
 
 
 def collect(acc_dir: Path, task: str, dest: Path) -> list[dict]:
-    """Copy the small result files; return one row per (variant, fold)."""
+    """Copy the small result files of every variant; return one row per (variant, fold)."""
     rows = []
-    for variant in VARIANTS:
-        study = acc_dir / "studies" / task / variant
-        target = dest / variant
+    for study in sorted((acc_dir / "studies" / task).iterdir()):
+        target = dest / study.name
         target.mkdir(parents=True, exist_ok=True)
         for name in COPIED:
             if (study / name).is_file():
@@ -37,37 +39,70 @@ def collect(acc_dir: Path, task: str, dest: Path) -> list[dict]:
                     shutil.copy(fold_dir / name, target / fold_dir.name / name)
             if (fold_dir / "result.json").is_file():
                 rows.append(json.loads((fold_dir / "result.json").read_text()))
-    report = acc_dir / f"report-{task}"
-    if report.is_dir():
-        shutil.copytree(report, dest / "report", dirs_exist_ok=True)
     log = acc_dir / "logs" / f"{task}.log"
     if log.is_file():
-        stamps = [line for line in log.read_text().splitlines() if line.startswith("[20")]
-        (dest / "campaign_log.txt").write_text("\n".join(stamps) + "\n")
+        kept = dest / "campaign_log.txt"
+        old = kept.read_text().splitlines() if kept.is_file() else []
+        new = [line for line in log.read_text().splitlines() if line.startswith("[20")]
+        kept.write_text("\n".join(dict.fromkeys(old + new)) + "\n")
     return rows
+
+
+def _rank(variant: str) -> int:
+    return ORDER.index(variant) if variant in ORDER else len(ORDER)
+
+
+def _strategy(r: dict) -> str:
+    parts = [f"LP {r['lp_epochs']} ep" if r.get("lp_epochs") else "",
+             f"decay {r['lr_decay']:.2f}" if r.get("lr_decay", 1.0) != 1.0 else "",
+             f"freeze {r['freeze_blocks']}" if r.get("freeze_blocks") else ""]
+    return ", ".join(p for p in parts if p) or "-"
 
 
 def markdown(rows: list[dict]) -> str:
     metric = next(k for k in rows[0] if k.startswith("test_")).removeprefix("test_")
-    lines = [f"| variant | fold | λ | η | best epoch | val {metric} | test {metric} |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["fold"])):
+    lines = [f"| variant | fold | λ | η | strategy | pooling | best epoch | val {metric} | "
+             f"test {metric} |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (_rank(r["variant"]), r["fold"])):
         lines.append(f"| {r['variant']} | {r['fold']} | {r['l2sp']:.2g} | {r['bss']:.2g} | "
-                     f"{r['best_epoch']} | {r[f'val_{metric}']:.2f} | {r[f'test_{metric}']:.2f} |")
+                     f"{_strategy(r)} | {r.get('pooling', 'mean')} | {r['best_epoch']} | "
+                     f"{r[f'val_{metric}']:.2f} | {r[f'test_{metric}']:.2f} |")
+    return "\n".join(lines)
+
+
+def means(rows: list[dict]) -> str:
+    """Mean ± std (population, as matbench) of the test metric per variant, over its folds."""
+    metric = next(k for k in rows[0] if k.startswith("test_"))
+    lines = [f"| variant | folds | {metric} mean ± std |", "| --- | --- | --- |"]
+    for variant in sorted({r["variant"] for r in rows}, key=_rank):
+        part = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["fold"])
+        values = np.array([r[metric] for r in part])
+        lines.append(f"| {variant} | {', '.join(str(r['fold']) for r in part)} | "
+                     f"{values.mean():.2f} ± {values.std():.2f} |")
     return "\n".join(lines)
 
 
 def wall_times(log: Path) -> str:
     """Seconds per fold and phase from the campaign log's stamped lines."""
-    found = re.findall(r"fold (\d) (main|no-reg \+ random-init) done \((\d+) s\)", log.read_text())
+    found = re.findall(r"fold (\d) (.+?) done \((\d+) s\)", log.read_text())
     return ", ".join(f"fold {f} {phase} {s} s" for f, phase, s in found)
+
+
+def report(results: Path, task: str) -> str:
+    """Table 1 of `matxfer report --results` over the collected files."""
+    from matxfer.analysis.report import build_report
+    from matxfer.run import write_outputs
+
+    files = build_report(None, [task], results_dir=results)
+    write_outputs(results / task / "report", files)
+    return files["table1.md"].decode()
 
 
 if __name__ == "__main__":
     acc, task = Path(sys.argv[1]), sys.argv[2]
-    out = Path(__file__).parent / "results" / "accuracy" / task
-    table = collect(acc, task, out)
-    print(markdown(table))
-    log = acc / "logs" / f"{task}.log"
+    results = Path(__file__).parent / "results" / "accuracy"
+    table = collect(acc, task, results / task)
+    print(markdown(table), "", means(table), "", report(results, task), sep="\n")
+    log = results / task / "campaign_log.txt"
     if log.is_file():
-        print("\nwall:", wall_times(log))
+        print("wall:", wall_times(log))
