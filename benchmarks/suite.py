@@ -10,7 +10,8 @@ between the bench markers of benchmarks/README.md.
 4. study overhead: trial training time vs the study's wall time (Ray, Tune, MLflow, test pass)
 5. memory: RSS of the dielectric graph cache, loaded and memory-mapped; mp_e_form projected
 6. TorchScript warm-up: first training steps of a fresh process, profiling executor on vs off
-7. projection of the full programme's wall time from the measured rates (derived)
+7. element restriction: training with the backbone restricted to the task's elements vs full
+8. projection of the full programme's wall time from the measured rates (derived)
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def projection(train_rate: float, forward_rate: float, trials: int = 20, epochs:
 def markdown(results: dict, command: str) -> str:
     t, f, g = results["throughput"], results["forward"], results["graph_cache"]
     s, m, p = results["study"], results["memory"], results["projection"]
-    w = results["warmup"]
+    w, r = results["warmup"], results["restriction"]
     lines = [
         f"Measured by `{command}` on {HARDWARE}.", "",
         "| # | benchmark | measured | baseline (same command) | ratio |",
@@ -286,6 +287,11 @@ def markdown(results: dict, command: str) -> str:
         f"(steady step {w['off']['steady_step_s']:.3f} s) | executor on (default) "
         f"{w['on']['warmup_s']:.2f} s (steady {w['on']['steady_step_s']:.3f} s) | "
         f"**{w['ratio_warmup_off_vs_on']:.2f}** (steady {w['ratio_steady_off_vs_on']:.2f}) |",
+        f"| 7 | training, backbone restricted to the task's {r['elements_present']} elements "
+        f"(node features max abs diff {r['max_abs_diff_node_feats_float64']:.0e} in float64) | "
+        f"{max(r['restricted_structures_per_s']):.1f} structures/s | full "
+        f"{r['elements_model']}-element model {max(r['full_structures_per_s']):.1f} | "
+        f"**{r['ratio_best']:.2f}** |",
         "",
         f"Projected RSS of mp_e_form's graphs fully loaded: "
         f"{m['projected_mp_e_form_loaded_bytes'] / 2**30:.1f} GiB (derived from {m['task']}'s "
@@ -317,6 +323,7 @@ def write_readme(table: str) -> None:
 
 
 def main() -> None:
+    import restriction
     import throughput
 
     parser = argparse.ArgumentParser()
@@ -331,6 +338,7 @@ def main() -> None:
         "study": study_overhead(),
         "memory": memory("matbench_dielectric"),
         "warmup": torchscript_warmup(12 if args.quick else 16),
+        "restriction": restriction.measure("matbench_phonons", n // 2, 2),
     }
     results["projection"] = projection(max(results["throughput"]["matxfer_structures_per_s"]),
                                        max(results["forward"]["matxfer_structures_per_s"]))
