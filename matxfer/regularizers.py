@@ -22,6 +22,29 @@ def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor
     return torch.stack([(d * d).sum() for d in diffs]).sum()
 
 
+@torch.no_grad()
+def add_l2_sp_grad_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                    scale: float) -> float:
+    """Adds the gradient of scale * l2_sp_penalty, 2 * scale * (w - w0), to each parameter's
+    .grad in place (a missing .grad becomes that term) and returns the penalty's value.
+
+    Same gradient as back-propagating the penalty, without building its autograd graph: two
+    fused multi-tensor ops instead of a forward and backward node per parameter tensor.
+    Call it after loss.backward() (and after DDP's all-reduce: the term is the same on every
+    rank) and before clipping and the optimizer step.
+    """
+    if len(params) != len(anchors):
+        raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
+    if not params:
+        return 0.0
+    diffs = torch._foreach_sub(list(params), list(anchors))
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    torch._foreach_add_([p.grad for p in params], diffs, alpha=2.0 * scale)
+    return scale * float(torch.stack(torch._foreach_norm(diffs)).pow(2).sum())
+
+
 def bss_penalty(features: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Batch Spectral Shrinkage (Chen et al. 2019): sum of the k smallest squared singular values.
 

@@ -22,7 +22,7 @@ from matxfer.config import RunConfig
 from matxfer.data import FoldSplit, TaskSpec
 from matxfer.graphs import GraphSet, iterate_batches
 from matxfer.model import PropertyModel, TargetScaler
-from matxfer.regularizers import bss_penalty, l2_sp_penalty
+from matxfer.regularizers import add_l2_sp_grad_, bss_penalty
 from matxfer.strategies import freeze_blocks, linear_probe, param_groups
 
 
@@ -103,7 +103,10 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 class Objective:
-    """Task loss + lambda * L2-SP + eta * BSS for one batch; keeps w0 for L2-SP."""
+    """Task loss + lambda * L2-SP + eta * BSS for one batch; keeps w0 for L2-SP.
+
+    The call returns the differentiable part (task loss + BSS); L2-SP's gradient is closed
+    form and `after_backward` adds it to the gradients (and its value to the terms)."""
 
     def __init__(self, model: PropertyModel, cfg: RunConfig, spec: TaskSpec,
                  scaler: TargetScaler) -> None:
@@ -119,14 +122,17 @@ class Objective:
         loss_task = task_loss(self.spec, out, target)
         loss = loss_task
         terms = {"task_loss": loss_task.item(), "l2sp_term": 0.0, "bss_term": 0.0}
-        if self.l2sp > 0:
-            l2 = self.l2sp * l2_sp_penalty(self.params, self.anchors)
-            loss, terms["l2sp_term"] = loss + l2, l2.item()
         if self.bss > 0:
             bss = self.bss * bss_penalty(pooled[-1], self.bss_k)
             loss, terms["bss_term"] = loss + bss, bss.item()
         terms["train_loss"] = loss.item()
         return loss, terms
+
+    def after_backward(self, terms: dict[str, float]) -> None:
+        """Add lambda * L2-SP's gradient to the parameters' .grad; complete the terms."""
+        if self.l2sp > 0:
+            terms["l2sp_term"] = add_l2_sp_grad_(self.params, self.anchors, self.l2sp)
+            terms["train_loss"] += terms["l2sp_term"]
 
 
 def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, data: FoldData,
@@ -142,6 +148,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
         loss, terms = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        objective.after_backward(terms)
         if cfg.train.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from matxfer.regularizers import bss_penalty, l2_sp_penalty
+from matxfer.regularizers import add_l2_sp_grad_, bss_penalty, l2_sp_penalty
 
 
 def test_l2sp_is_zero_at_the_anchor():
@@ -20,6 +20,34 @@ def test_l2sp_exact_value_and_gradient_for_known_perturbation():
     value.backward()
     assert torch.allclose(w[0].grad, torch.tensor([1.0, -2.0]))  # 2 (w - w0)
     assert torch.allclose(w[1].grad, torch.tensor([[4.0]]))
+
+
+def test_closed_form_l2sp_gradient_by_hand():
+    """Same perturbation as above, scale 0.1: grads 0.1 * 2 (w - w0) added to what is there
+    (a missing grad becomes the term), value 0.1 * 5.25."""
+    w0 = [torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])]
+    w = [torch.tensor([1.5, 1.0], requires_grad=True), torch.tensor([[2.5]], requires_grad=True)]
+    w[0].grad = torch.tensor([10.0, 10.0])
+    value = add_l2_sp_grad_(w, w0, 0.1)
+    assert value == pytest.approx(0.525)
+    assert torch.allclose(w[0].grad, torch.tensor([10.1, 9.8]))
+    assert torch.allclose(w[1].grad, torch.tensor([[0.4]]))
+
+
+def test_closed_form_l2sp_gradient_equals_autograd():
+    torch.manual_seed(0)
+    w0 = [torch.randn(7, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    w = [(a + 0.1 * torch.randn_like(a)).requires_grad_(True) for a in w0]
+    (3e-3 * l2_sp_penalty(w, w0)).backward()
+    expected = [p.grad.clone() for p in w]
+    for p in w:
+        p.grad = None
+    value = add_l2_sp_grad_(w, w0, 3e-3)
+    assert value == pytest.approx(3e-3 * l2_sp_penalty(w, w0).item(), rel=1e-12)
+    for p, g in zip(w, expected):
+        assert torch.allclose(p.grad, g, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError):
+        add_l2_sp_grad_(w, w0[:1], 1.0)
 
 
 def test_l2sp_gradient_is_defined_at_the_anchor():

@@ -38,6 +38,34 @@ def test_regularisers_enter_the_loss_with_their_weights(tiny_model, tiny_cfg):
         row["task_loss"] + row["l2sp_term"] + row["bss_term"], rel=1e-6)
 
 
+def test_objective_gradients_equal_backpropagating_the_whole_loss(tiny_model, tiny_cfg):
+    """The training step's gradients (task + BSS back-propagated, L2-SP added in closed form)
+    equal those of back-propagating task + lambda * L2-SP + eta * BSS as one loss."""
+    from matxfer.graphs import collate
+    from matxfer.regularizers import l2_sp_penalty
+    from matxfer.train import Objective
+
+    tiny_cfg.regularizers.l2sp, tiny_cfg.regularizers.bss = 1e-2, 1e-3
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    objective = Objective(tiny_model, tiny_cfg, data.spec, data.scaler)
+    with torch.no_grad():  # move away from w0 so the L2-SP gradient is not zero
+        for p in objective.params:
+            p.add_(1e-3 * torch.randn_like(p))
+    batch = collate(data.graphs, list(data.rows["train"][:8]))
+    loss, terms = objective(tiny_model, batch)
+    loss.backward()
+    objective.after_backward(terms)
+    ours = [p.grad.clone() for p in objective.params]
+    tiny_model.zero_grad(set_to_none=True)
+    whole, _ = objective(tiny_model, batch)
+    (whole + 1e-2 * l2_sp_penalty(objective.params, objective.anchors)).backward()
+    for p, g in zip(objective.params, ours):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-8)
+    assert terms["l2sp_term"] > 0
+    assert terms["train_loss"] == pytest.approx(
+        terms["task_loss"] + terms["l2sp_term"] + terms["bss_term"], rel=1e-6)
+
+
 def test_strong_l2sp_keeps_the_backbone_near_the_pretrained_weights(backbone, tiny_cfg):
     def drift(l2sp: float) -> float:
         torch.manual_seed(0)
