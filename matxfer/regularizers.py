@@ -28,8 +28,8 @@ def add_l2_sp_grad_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tens
     """Adds the gradient of scale * l2_sp_penalty, 2 * scale * (w - w0), to each parameter's
     .grad in place (a missing .grad becomes that term) and returns the penalty's value.
 
-    Same gradient as back-propagating the penalty, without building its autograd graph: two
-    fused multi-tensor ops instead of a forward and backward node per parameter tensor.
+    Same gradient as back-propagating the penalty, without its autograd graph: fused
+    multi-tensor ops making half the passes over the weights (benchmarks/README.md, row 1).
     Call it after loss.backward() (and after DDP's all-reduce: the term is the same on every
     rank) and before clipping and the optimizer step.
     """
