@@ -12,7 +12,8 @@ def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor
 
     `anchors` are detached copies of the starting weights, same shapes as `params`. The squared
     difference (not a norm) keeps the gradient, 2 (w - w0), defined at w = w0. Multiply by
-    lambda outside.
+    lambda outside. The definition; the training step uses `add_l2_sp_grad_`, its
+    closed-form gradient (tested equal).
     """
     if len(params) != len(anchors):
         raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
