@@ -57,6 +57,9 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     target_transform: TargetTransform = "auto"
     init_seed: int = 0
+    restrict_elements: bool = Field(
+        True, description="run the backbone on the task's elements only: the same weights "
+        "and results, less compute (matxfer.elements)")
 
 
 class RegularizerConfig(_Strict):

@@ -113,6 +113,27 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def backbone_layer_features(bb: nn.Module, batch: dict,
+                            columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per interaction+product block of MACE `bb`, node features [n_atoms, d_l] at `columns`."""
+    from mace.modules.utils import get_edge_vectors_and_lengths
+
+    node_attrs, edge_index = batch["node_attrs"], batch["edge_index"]
+    vectors, lengths = get_edge_vectors_and_lengths(
+        positions=batch["positions"], edge_index=edge_index, shifts=batch["shifts"])
+    edge_attrs = bb.spherical_harmonics(vectors)
+    edge_feats, cutoff = bb.radial_embedding(lengths, node_attrs, edge_index, bb.atomic_numbers)
+    node_feats = bb.node_embedding(node_attrs)
+    feats = []
+    for i, (interaction, product) in enumerate(zip(bb.interactions, bb.products)):
+        node_feats, sc = interaction(
+            node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
+            edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff, first_layer=(i == 0))
+        node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+        feats.append(node_feats[:, columns[i]])
+    return feats
+
+
 class PropertyModel(nn.Module):
     """MACE backbone -> per-layer invariant node features -> pooled -> MLP head -> [B]."""
 
@@ -121,6 +142,7 @@ class PropertyModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.restricted = None  # a RestrictedBackbone after restrict_elements()
         cols = scalar_columns(backbone)
         for i, c in enumerate(cols):
             self.register_buffer(f"scalar_cols_{i}", c, persistent=False)
@@ -128,26 +150,27 @@ class PropertyModel(nn.Module):
         self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(
             next(backbone.parameters()).dtype)
 
+    def restrict_elements(self, elements: list[int]) -> None:
+        """Run the backbone on these elements only (same results, less compute; see
+        matxfer.elements). Batches holding other elements still take the full path."""
+        from matxfer.elements import RestrictedBackbone
+
+        self.restricted = RestrictedBackbone(self.backbone, elements, backbone_layer_features)
+        self.restricted.apply_(lambda t: t.to(next(self.backbone.parameters()).device))
+
+    def _apply(self, fn, recurse=True):  # .to()/.double() move the restricted path along
+        super()._apply(fn, recurse)
+        if getattr(self, "restricted", None) is not None:
+            self.restricted.apply_(fn)
+        return self
+
     def layer_features(self, batch: dict) -> list[torch.Tensor]:
         """Invariant node features after each interaction+product block: list of [n_atoms, d_l]."""
-        from mace.modules.utils import get_edge_vectors_and_lengths
-
-        bb = self.backbone
-        node_attrs, edge_index = batch["node_attrs"], batch["edge_index"]
-        vectors, lengths = get_edge_vectors_and_lengths(
-            positions=batch["positions"], edge_index=edge_index, shifts=batch["shifts"])
-        edge_attrs = bb.spherical_harmonics(vectors)
-        edge_feats, cutoff = bb.radial_embedding(lengths, node_attrs, edge_index, bb.atomic_numbers)
-        node_feats = bb.node_embedding(node_attrs)
-        feats = []
-        for i, (interaction, product) in enumerate(zip(bb.interactions, bb.products)):
-            node_feats, sc = interaction(
-                node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
-                edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
-                first_layer=(i == 0))
-            node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
-            feats.append(node_feats[:, getattr(self, f"scalar_cols_{i}")])
-        return feats
+        cols = [getattr(self, f"scalar_cols_{i}") for i in range(len(self.backbone.products))]
+        restricted = getattr(self, "restricted", None)
+        if restricted is not None and restricted.covers(batch["node_attrs"]):
+            return restricted.layer_features(self.backbone, batch, cols)
+        return backbone_layer_features(self.backbone, batch, cols)
 
     def pooled_layer_features(self, batch: dict) -> list[torch.Tensor]:
         """Per layer, pooled invariant features [B, d_l] (or [B, 2 d_l] for mean+max)."""

@@ -20,6 +20,7 @@ import yaml
 from matxfer import __version__
 from matxfer.config import RunConfig, UserError
 from matxfer.data import fold_split, get_task
+from matxfer.elements import present_elements
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.storage import save_checked
@@ -37,12 +38,16 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True) -> FoldData:
-    """Graphs (cached), official fold with validation split, and a train-split target scaler."""
+    """Graphs (cached), official fold with validation split, and a train-split target scaler.
+
+    With model.restrict_elements, `model` then computes on the task's elements only."""
     spec = get_task(cfg.data.task)
     backbone = model.backbone
     graphs = task_graphs(
         cfg.data.task, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
         next(backbone.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir, progress)
+    if cfg.model.restrict_elements:
+        model.restrict_elements(present_elements(graphs.species, graphs.z_table))
     targets = pd.Series(graphs.targets, index=graphs.ids, name="target")
     split = fold_split(targets.to_frame(), cfg.data.task, cfg.data.fold, cfg.data.val_fraction,
                        cfg.data.val_seed, cfg.data.max_structures)

@@ -1,0 +1,173 @@
+"""Element restriction: run the backbone on the task's elements only, same weights, same results.
+
+MACE-MP-0 carries per-element weights for 89 elements (node embedding, skip tensor products,
+symmetric contractions); a task uses a few dozen. MACE's own fine-tuning copies the present
+elements into a smaller model (`load_foundations_elements`); here that smaller model is only a
+compute path: its element tables are gathered from the full model's parameters at every forward,
+so the full parameters stay the only weights (optimizer, L2-SP anchor, checkpoints and drift see
+the 89-element model) and gradients flow back to them unchanged.
+
+The gather map is found by probing `load_foundations_elements` itself with index-coded weights,
+so it follows whatever layout and rescaling MACE uses for each block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Gather:
+    """restricted[name] = full[source].flatten()[index].view(shape) * scale (or full[source])."""
+
+    source: str
+    index: torch.Tensor | None  # [numel] int64 into the flattened source; None: identity
+    scale: torch.Tensor | None  # [numel] model dtype; None: 1
+    shape: torch.Size
+
+
+def _restricted_twin(full: nn.Module, elements: Sequence[int]) -> nn.Module:
+    """A fresh MACE of the same architecture whose element tables hold only `elements`."""
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    index = [int(z) for z in full.atomic_numbers]
+    cfg = extract_config_mace_model(full)
+    cfg["atomic_numbers"], cfg["num_elements"] = list(elements), len(elements)
+    cfg["atomic_energies"] = cfg["atomic_energies"][..., [index.index(z) for z in elements]]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return type(full)(**cfg).double()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _copy_elements(twin: nn.Module, full: nn.Module, elements: Sequence[int]) -> dict:
+    """MACE's own restriction of `full` into `twin` (in place: it also copies non-parameter
+    attributes such as avg_num_neighbors); returns the twin's parameters by name."""
+    from mace.tools.finetuning_utils import load_foundations_elements
+    from mace.tools.utils import AtomicNumberTable
+
+    load_foundations_elements(twin, full, AtomicNumberTable(list(elements)),
+                              load_readout=True, max_L=0)
+    return {n: p.detach().clone() for n, p in twin.named_parameters()}
+
+
+def gather_map(full: nn.Module, elements: Sequence[int]) -> tuple[nn.Module, dict[str, Gather]]:
+    """The restricted twin of `full` and, per twin parameter, where it comes from in `full`.
+
+    Raises ValueError when a twin parameter is not a (scaled) gather of one full parameter.
+    """
+    import copy
+
+    names = [n for n, _ in full.named_parameters()]
+    probe = copy.deepcopy(full).double()
+    params = dict(probe.named_parameters())
+    sizes = torch.tensor([params[n].numel() for n in names])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    twin = _restricted_twin(full, elements)
+
+    def restrict(code) -> dict:  # twin parameters with every full weight set to code(position)
+        with torch.no_grad():
+            for n, s in zip(names, starts[:-1].tolist()):
+                params[n].copy_(code(torch.arange(s, s + params[n].numel(),
+                                                  dtype=torch.float64)).view_as(params[n]))
+        return _copy_elements(twin, probe, elements)
+
+    total = float(starts[-1])
+    coded, shifted = restrict(lambda i: i + 1), restrict(lambda i: i + 1 + total)
+    ones = restrict(torch.ones_like)
+    buffers = dict(full.named_buffers())
+    _copy_elements(twin, full, elements)  # the real weights and attributes, last
+    for name in [n for n in coded if n in buffers]:  # MACE makes some full buffers parameters
+        del coded[name]
+    for name in coded:
+        if not torch.allclose(torch.round(shifted[name] / ones[name]) - total,
+                              torch.round(coded[name] / ones[name])):
+            raise ValueError(f"restricted parameter {name} is not a gather of the full model")
+    dtype = next(full.parameters()).dtype
+    maps = {}
+    for name, value in coded.items():
+        position = torch.round(value / ones[name]).long().flatten() - 1
+        if (position < 0).any() or (position >= starts[-1]).any() or not torch.allclose(
+                (position + 1).double() * ones[name].flatten(), value.flatten()):
+            raise ValueError(f"restricted parameter {name} is not a gather of the full model")
+        which = int(torch.searchsorted(starts, position[0], right=True)) - 1
+        local, source = position - starts[which], names[which]
+        if not ((local >= 0) & (local < sizes[which])).all():
+            raise ValueError(f"restricted parameter {name} mixes several full parameters")
+        scale = ones[name].flatten()
+        identity = local.numel() == sizes[which] and torch.equal(local, torch.arange(
+            local.numel())) and bool((scale == 1).all())
+        maps[name] = Gather(source, None if identity else local,
+                            None if identity else scale.to(dtype), value.shape)
+    return twin.to(dtype), maps
+
+
+def present_elements(species: torch.Tensor, z_table: Sequence[int]) -> list[int]:
+    """Atomic numbers occurring in `species` ([n_atoms] indices into z_table), sorted."""
+    return sorted(int(z_table[i]) for i in torch.unique(species).tolist())
+
+
+class _Features(nn.Module):
+    """twin + feature function as one module, so torch.func.functional_call can swap in the
+    gathered parameters."""
+
+    def __init__(self, twin: nn.Module, features: Callable) -> None:
+        super().__init__()
+        self.twin, self.features = twin, features
+
+    def forward(self, batch: dict, columns: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.features(self.twin, batch, columns)
+
+
+class RestrictedBackbone:
+    """The restricted compute path of a full backbone; not an nn.Module on purpose, so its
+    twin's parameters never reach optimizers, state dicts or DDP."""
+
+    def __init__(self, full: nn.Module, elements: Sequence[int], features: Callable) -> None:
+        """features(backbone, batch, columns) -> per-layer node features (model.py's)."""
+        self.elements = [int(z) for z in elements]
+        twin, self.maps = gather_map(full, self.elements)
+        for p in twin.parameters():
+            p.requires_grad_(False)
+        self.module = _Features(twin, features)
+        table = [int(z) for z in full.atomic_numbers]
+        self.columns = torch.tensor([table.index(z) for z in self.elements])
+        others = torch.ones(len(table), dtype=torch.bool)
+        others[self.columns] = False
+        self.other_columns = others.nonzero().flatten()
+
+    def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a tensor conversion (nn.Module._apply's fn: device/dtype) to every tensor."""
+        self.module._apply(fn)
+        self.columns, self.other_columns = fn(self.columns), fn(self.other_columns)
+        self.maps = {n: Gather(g.source, None if g.index is None else fn(g.index),
+                               None if g.scale is None else fn(g.scale), g.shape)
+                     for n, g in self.maps.items()}
+
+    def covers(self, node_attrs: torch.Tensor) -> bool:
+        """Whether every atom of a batch ([n_atoms, 89] one-hot) is one of the elements."""
+        return not bool(node_attrs[:, self.other_columns].any())
+
+    def parameters_from(self, full: nn.Module) -> dict[str, torch.Tensor]:
+        """The twin's parameters gathered (differentiably) from the full backbone's."""
+        params = dict(full.named_parameters())
+        out = {}
+        for name, g in self.maps.items():
+            source = params[g.source]
+            out["twin." + name] = source if g.index is None else (
+                source.flatten()[g.index] * g.scale).view(g.shape)
+        return out
+
+    def layer_features(self, full: nn.Module, batch: dict,
+                       columns: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The full backbone's features for a batch of the elements, computed on the twin."""
+        from torch.func import functional_call
+
+        batch = {**batch, "node_attrs": batch["node_attrs"][:, self.columns]}
+        return functional_call(self.module, self.parameters_from(full), (batch, columns))
