@@ -71,6 +71,10 @@ class RegularizerConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=2, description="structures per step (>= 2 for BSS)")
+    max_batch_atoms: int | None = Field(
+        None, ge=1, description="also close a batch before it exceeds this many atoms")
+    max_batch_edges: int | None = Field(
+        None, ge=1, description="also close a batch before it exceeds this many edges")
     lr: float = Field(1e-3, gt=0.0, description="head learning rate")
     backbone_lr: float | None = Field(3e-4, gt=0.0, description="default: lr")
     head_weight_decay: float = Field(1e-2, ge=0.0)

@@ -195,11 +195,34 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def batch_rows(graphs: GraphSet, order: np.ndarray, batch_size: int,
+               max_atoms: int | None = None, max_edges: int | None = None) -> list[np.ndarray]:
+    """Split `order` (row positions) into consecutive batches of at most `batch_size` structures
+    and, when given, at most `max_atoms` atoms and `max_edges` edges (a structure larger than a
+    budget gets a batch of its own): a budget bounds memory and evens out the cost of steps."""
+    if max_atoms is None and max_edges is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    atoms, edges = graphs.n_atoms[order].tolist(), graphs.n_edges[order].tolist()
+    limit_atoms, limit_edges = max_atoms or float("inf"), max_edges or float("inf")
+    batches, start, n_atoms, n_edges = [], 0, 0, 0
+    for i, (a, e) in enumerate(zip(atoms, edges)):
+        if i > start and (i - start == batch_size or n_atoms + a > limit_atoms
+                          or n_edges + e > limit_edges):
+            batches.append(order[start:i])
+            start, n_atoms, n_edges = i, 0, 0
+        n_atoms, n_edges = n_atoms + a, n_edges + e
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
 def iterate_batches(
     graphs: GraphSet, rows: Sequence[int], batch_size: int, shuffle: bool = False,
     seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+    max_atoms: int | None = None, max_edges: int | None = None,
 ) -> Iterator[dict]:
-    """Yield batches over `rows`; with world_size > 1 each rank gets an equal, disjoint share.
+    """Yield batches over `rows` (see `batch_rows` for the budgets); with world_size > 1 each
+    rank gets an equal number of disjoint batches.
 
     Shuffling is seeded (pass seed + epoch for a new order each epoch); under DDP every rank
     draws the same permutation and takes its own stride, as DistributedSampler does.
@@ -207,11 +230,14 @@ def iterate_batches(
     order = np.asarray(rows)
     if shuffle:
         order = order[np.random.default_rng(seed).permutation(len(order))]
-    if world_size > 1:
+    budget = max_atoms is not None or max_edges is not None
+    if world_size > 1 and not budget:
         per_rank = len(order) // world_size  # drop the remainder so ranks step in lockstep
         order = order[rank : per_rank * world_size : world_size]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    chunks = batch_rows(graphs, order, batch_size, max_atoms, max_edges)
+    if world_size > 1 and budget:  # whole batches per rank, the same count on every rank
+        chunks = chunks[rank : len(chunks) // world_size * world_size : world_size]
+    for chunk in chunks:
         if shuffle and len(chunk) < 2:  # a 1-structure batch breaks BSS and batch statistics
             continue
         yield collate(graphs, chunk.tolist(), device)

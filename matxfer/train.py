@@ -18,9 +18,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from matxfer.config import RunConfig
+from matxfer.config import RunConfig, TrainConfig
 from matxfer.data import FoldSplit, TaskSpec
-from matxfer.graphs import GraphSet, iterate_batches
+from matxfer.graphs import GraphSet, batch_rows, iterate_batches
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.regularizers import add_l2_sp_grad_, bss_penalty
 from matxfer.strategies import freeze_blocks, linear_probe, param_groups
@@ -64,14 +64,32 @@ def is_better(spec: TaskSpec, new: float, best: float) -> bool:
     return new > best if spec.kind == "classification" else new < best
 
 
+def batch_budget(t: TrainConfig, factor: int = 1) -> dict[str, int | None]:
+    """The atom/edge budgets of training batches (factor 2: evaluation, which keeps no graph)."""
+    return {"max_atoms": t.max_batch_atoms and factor * t.max_batch_atoms,
+            "max_edges": t.max_batch_edges and factor * t.max_batch_edges}
+
+
+def steps_per_epoch(data: FoldData, t: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch on each rank (the unshuffled order's count under budgets)."""
+    rows = np.asarray(data.rows["train"])
+    if t.max_batch_atoms is None and t.max_batch_edges is None:
+        return max(1, math.ceil(len(rows) // world_size / t.batch_size))
+    return max(1, len(batch_rows(data.graphs, rows, t.batch_size, **batch_budget(t)))
+               // world_size)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: FoldData, part: str, batch_size: int,
-            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(targets, predictions) in task units for split `part` ('train', 'val' or 'test')."""
+            device: torch.device | str = "cpu",
+            budget: dict[str, int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, predictions) in task units for split `part` ('train', 'val' or 'test');
+    `budget`: batch_budget() atom/edge limits per batch."""
     was_training = model.training
     model.eval()
     ys, preds = [], []
-    for batch in iterate_batches(data.graphs, data.rows[part], batch_size, device=device):
+    for batch in iterate_batches(data.graphs, data.rows[part], batch_size, device=device,
+                                 **(budget or {})):
         out, _ = model(batch)
         ys.append(batch["y"].cpu())
         preds.append(data.scaler.decode(out.double()).cpu())
@@ -144,7 +162,8 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
     start = time.perf_counter()
     for batch in iterate_batches(data.graphs, data.rows["train"], cfg.train.batch_size,
                                  shuffle=True, seed=cfg.train.seed * 100_003 + epoch,
-                                 rank=rank, world_size=world_size, device=device):
+                                 rank=rank, world_size=world_size, device=device,
+                                 **batch_budget(cfg.train)):
         loss, terms = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -234,8 +253,7 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
         probe_head(raw, data, cfg, device, world_size, log)
     objective = Objective(raw, cfg, spec, data.scaler)  # anchors w0 before any resumed weights
     optimizer = make_optimizer(raw, cfg)
-    per_rank = len(data.rows["train"]) // world_size
-    steps = max(1, math.ceil(per_rank / t.batch_size)) * t.epochs
+    steps = steps_per_epoch(data, t, world_size) * t.epochs
     warmup = min(steps, int(t.warmup_epochs * steps / t.epochs))
     scheduler = warmup_cosine(optimizer, warmup, steps)
     metric = f"val_{spec.metric}"
@@ -254,7 +272,8 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
             row["train_loss"] = float("nan")
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
-        row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device))
+        row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device,
+                                           batch_budget(t, 2)))
         result.history.append(row)
         if is_better(spec, row[metric], result.best_val):
             result.best_val, result.best_epoch = row[metric], epoch

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,8 @@ from pymatgen.core import Lattice, Structure
 
 from matxfer.config import UserError
 from matxfer.graphs import (
+    GraphSet,
+    batch_rows,
     build_graph_set,
     collate,
     iterate_batches,
@@ -100,3 +104,38 @@ def test_ranks_get_disjoint_equal_shares(jdft2d_graphs):
         seen.append([int(b["ptr"].numel() - 1) for b in batches])
     assert seen[0] == seen[1] == seen[2]
     assert sum(seen[0]) == 16  # 50 // 3
+
+
+def _sized(atoms: list[int], edges: list[int]) -> GraphSet:
+    """A GraphSet with only the sizes filled in (what batch_rows reads)."""
+    n = len(atoms)
+    return GraphSet(ids=[str(i) for i in range(n)], targets=np.zeros(n),
+                    n_atoms=torch.tensor(atoms), n_edges=torch.tensor(edges),
+                    species=torch.zeros(0, dtype=torch.long), positions=torch.zeros(0, 3),
+                    edge_index=torch.zeros(2, 0, dtype=torch.long), shifts=torch.zeros(0, 3),
+                    z_table=(1,))
+
+
+def test_batch_budgets_by_hand():
+    graphs = _sized([2, 3, 4, 10, 1, 1], [10, 10, 50, 5, 5, 5])
+    order = np.arange(6)
+    split = lambda **kw: [b.tolist() for b in batch_rows(graphs, order, **kw)]  # noqa: E731
+    assert split(batch_size=4) == [[0, 1, 2, 3], [4, 5]]
+    assert split(batch_size=4, max_atoms=6) == [[0, 1], [2], [3], [4, 5]]  # 10 alone: too big
+    assert split(batch_size=4, max_edges=60) == [[0, 1], [2, 3, 4], [5]]
+    assert split(batch_size=2, max_atoms=100, max_edges=100) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_budget_batches_split_whole_batches_evenly_over_ranks(jdft2d_graphs):
+    rows = list(range(50))
+    numbered = dataclasses.replace(jdft2d_graphs, targets=np.arange(len(jdft2d_graphs)))
+    per_rank = []
+    for rank in range(3):
+        batches = list(iterate_batches(numbered, rows, 16, shuffle=True, seed=1, rank=rank,
+                                       world_size=3, max_edges=2000))
+        assert all(int(b["edge_index"].shape[1]) <= 2000 or b["ptr"].numel() == 2
+                   for b in batches)
+        per_rank.append(batches)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 1
+    seen = [int(y) for b in sum(per_rank, []) for y in b["y"]]  # y is the row here
+    assert len(seen) == len(set(seen)) and set(seen) <= set(rows)  # disjoint structures

@@ -1,12 +1,13 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
-from matxfer.train import fit, predict, score
+from matxfer.train import fit, predict, score, steps_per_epoch
 
 
 @pytest.fixture
@@ -135,3 +136,16 @@ def test_resume_from_a_mid_run_state_matches_the_uninterrupted_run(backbone, tin
     assert resumed.best_epoch == full.best_epoch
     for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_budget_batches_give_the_same_predictions_and_bound_every_step(tiny_model, tiny_cfg):
+    data = prepare_fold(tiny_cfg, tiny_model, progress=False)
+    y, fixed = predict(tiny_model, data, "val", 16)
+    _, budget = predict(tiny_model, data, "val", 16, budget={"max_atoms": 20, "max_edges": None})
+    assert np.allclose(fixed, budget, rtol=1e-5, atol=1e-6)
+    biggest = int(data.graphs.n_edges[data.rows["train"]].max())  # every structure fits
+    tiny_cfg.train.max_batch_edges, tiny_cfg.train.epochs = biggest, 1
+    steps = steps_per_epoch(data, tiny_cfg.train, 1)
+    assert steps > math.ceil(len(data.rows["train"]) / tiny_cfg.train.batch_size)
+    result = fit(tiny_model, data, tiny_cfg, log=None)
+    assert math.isfinite(result.history[0]["train_loss"])
