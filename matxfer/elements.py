@@ -57,54 +57,55 @@ def _copy_elements(twin: nn.Module, full: nn.Module, elements: Sequence[int]) ->
     return {n: p.detach().clone() for n, p in twin.named_parameters()}
 
 
-def gather_map(full: nn.Module, elements: Sequence[int]) -> tuple[nn.Module, dict[str, Gather]]:
-    """The restricted twin of `full` and, per twin parameter, where it comes from in `full`.
-
-    Raises ValueError when a twin parameter is not a (scaled) gather of one full parameter.
-    """
+def _probe(full: nn.Module, twin: nn.Module, elements: Sequence[int]) -> tuple[dict, ...]:
+    """Restrict copies of `full` whose weights are coded by global position: (position + 1,
+    position + 1 + total, 1) per weight; returns the twin's parameters for each code, the full
+    parameter names and their start offsets in the global numbering."""
     import copy
 
-    names = [n for n, _ in full.named_parameters()]
     probe = copy.deepcopy(full).double()
     params = dict(probe.named_parameters())
+    names = list(params)
     sizes = torch.tensor([params[n].numel() for n in names])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    twin = _restricted_twin(full, elements)
+    total = float(starts[-1])
 
-    def restrict(code) -> dict:  # twin parameters with every full weight set to code(position)
+    def restrict(code) -> dict:
         with torch.no_grad():
             for n, s in zip(names, starts[:-1].tolist()):
                 params[n].copy_(code(torch.arange(s, s + params[n].numel(),
                                                   dtype=torch.float64)).view_as(params[n]))
         return _copy_elements(twin, probe, elements)
 
-    total = float(starts[-1])
-    coded, shifted = restrict(lambda i: i + 1), restrict(lambda i: i + 1 + total)
+    coded = restrict(lambda i: i + 1)
+    shifted = restrict(lambda i: i + 1 + total)
     ones = restrict(torch.ones_like)
-    buffers = dict(full.named_buffers())
+    return coded, shifted, ones, names, starts
+
+
+def gather_map(full: nn.Module, elements: Sequence[int]) -> tuple[nn.Module, dict[str, Gather]]:
+    """The restricted twin of `full` and, per twin parameter, where it comes from in `full`.
+
+    Raises ValueError when a twin parameter is not a (scaled) gather of one full parameter.
+    """
+    twin = _restricted_twin(full, elements)
+    coded, shifted, ones, names, starts = _probe(full, twin, elements)
     _copy_elements(twin, full, elements)  # the real weights and attributes, last
-    for name in [n for n in coded if n in buffers]:  # MACE makes some full buffers parameters
-        del coded[name]
-    for name in coded:
-        if not torch.allclose(torch.round(shifted[name] / ones[name]) - total,
-                              torch.round(coded[name] / ones[name])):
-            raise ValueError(f"restricted parameter {name} is not a gather of the full model")
-    dtype = next(full.parameters()).dtype
-    maps = {}
-    for name, value in coded.items():
-        position = torch.round(value / ones[name]).long().flatten() - 1
-        if (position < 0).any() or (position >= starts[-1]).any() or not torch.allclose(
-                (position + 1).double() * ones[name].flatten(), value.flatten()):
-            raise ValueError(f"restricted parameter {name} is not a gather of the full model")
+    buffers = dict(full.named_buffers())  # MACE turns some full buffers into twin parameters:
+    dtype, maps = next(full.parameters()).dtype, {}  # those keep the twin's own (copied) value
+    for name in (n for n in coded if n not in buffers):
+        position = torch.round(coded[name] / ones[name]).long().flatten() - 1
+        moved = torch.round(shifted[name] / ones[name]).long().flatten() - 1 - int(starts[-1])
         which = int(torch.searchsorted(starts, position[0], right=True)) - 1
-        local, source = position - starts[which], names[which]
-        if not ((local >= 0) & (local < sizes[which])).all():
-            raise ValueError(f"restricted parameter {name} mixes several full parameters")
+        local = position - starts[which]
+        if not torch.equal(position, moved) or not ((local >= 0) & (
+                local < starts[which + 1] - starts[which])).all():
+            raise ValueError(f"restricted parameter {name} is not a gather of one full parameter")
         scale = ones[name].flatten()
-        identity = local.numel() == sizes[which] and torch.equal(local, torch.arange(
-            local.numel())) and bool((scale == 1).all())
-        maps[name] = Gather(source, None if identity else local,
-                            None if identity else scale.to(dtype), value.shape)
+        identity = local.numel() == starts[which + 1] - starts[which] and torch.equal(
+            local, torch.arange(local.numel())) and bool((scale == 1).all())
+        maps[name] = Gather(names[which], None if identity else local,
+                            None if identity else scale.to(dtype), coded[name].shape)
     return twin.to(dtype), maps
 
 
