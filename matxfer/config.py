@@ -58,8 +58,8 @@ class ModelConfig(_Strict):
     target_transform: TargetTransform = "auto"
     init_seed: int = 0
     restrict_elements: bool = Field(
-        True, description="run the backbone on the task's elements only: the same weights "
-        "and results, less compute (matxfer.elements)")
+        False, description="run the backbone on the task's elements only: the same weights "
+        "and results (matxfer.elements); not faster on CPU in make bench, so off")
 
 
 class RegularizerConfig(_Strict):

@@ -22,12 +22,31 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Gather:
-    """restricted[name] = full[source].flatten()[index].view(shape) * scale (or full[source])."""
+    """restricted[name] = full[source] (identity), or full[source] viewed as `rows` =
+    (A, n_full, B) with the elements' rows of axis 1 selected, or full[source].flatten()[index];
+    then times `scale` and viewed as `shape`."""
 
     source: str
-    index: torch.Tensor | None  # [numel] int64 into the flattened source; None: identity
-    scale: torch.Tensor | None  # [numel] model dtype; None: 1
+    index: torch.Tensor | None  # [numel] int64 into the flattened source; None: identity/rows
+    scale: torch.Tensor | None  # [] or [numel] model dtype; None: 1
     shape: torch.Size
+    rows: tuple[int, int, int] | None = None
+
+
+def _row_select(local: torch.Tensor, numel: int, columns: torch.Tensor,
+                n_full: int) -> tuple[int, int, int] | None:
+    """(A, n_full, B) when flat gather `local` is view(A, n_full, B)[:, columns, :] of a
+    parameter with `numel` weights (MACE's per-element tables are all of this form)."""
+    if numel % n_full or local.numel() % len(columns):
+        return None
+    inner = numel // n_full
+    for b in (d for d in range(1, inner + 1) if inner % d == 0):
+        a = inner // b
+        expected = (torch.arange(a)[:, None, None] * n_full * b + columns[None, :, None] * b
+                    + torch.arange(b)[None, None, :]).flatten()
+        if expected.numel() == local.numel() and torch.equal(expected, local):
+            return (a, n_full, b)
+    return None
 
 
 def _restricted_twin(full: nn.Module, elements: Sequence[int]) -> nn.Module:
@@ -89,6 +108,8 @@ def gather_map(full: nn.Module, elements: Sequence[int]) -> tuple[nn.Module, dic
     Raises ValueError when a twin parameter is not a (scaled) gather of one full parameter.
     """
     twin = _restricted_twin(full, elements)
+    table = [int(z) for z in full.atomic_numbers]
+    columns, n_full = torch.tensor([table.index(int(z)) for z in elements]), len(table)
     coded, shifted, ones, names, starts = _probe(full, twin, elements)
     _copy_elements(twin, full, elements)  # the real weights and attributes, last
     buffers = dict(full.named_buffers())  # MACE turns some full buffers into twin parameters:
@@ -101,12 +122,21 @@ def gather_map(full: nn.Module, elements: Sequence[int]) -> tuple[nn.Module, dic
         if not torch.equal(position, moved) or not ((local >= 0) & (
                 local < starts[which + 1] - starts[which])).all():
             raise ValueError(f"restricted parameter {name} is not a gather of one full parameter")
-        scale = ones[name].flatten()
-        identity = local.numel() == starts[which + 1] - starts[which] and torch.equal(
-            local, torch.arange(local.numel())) and bool((scale == 1).all())
-        maps[name] = Gather(names[which], None if identity else local,
-                            None if identity else scale.to(dtype), coded[name].shape)
+        maps[name] = _gather(names[which], local, ones[name].flatten(), coded[name].shape,
+                             int(starts[which + 1] - starts[which]), columns, n_full, dtype)
     return twin.to(dtype), maps
+
+
+def _gather(source: str, local: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+            numel: int, columns: torch.Tensor, n_full: int, dtype: torch.dtype) -> Gather:
+    """The cheapest Gather that reproduces flat gather `local` times `scale`."""
+    if bool((scale == scale[0]).all()):
+        scale = scale[:1].reshape(())  # MACE rescales a whole table by one factor
+    scale = None if bool((scale == 1).all()) else scale.to(dtype)
+    if local.numel() == numel and torch.equal(local, torch.arange(numel)):
+        return Gather(source, None, scale, shape)
+    rows = _row_select(local, numel, columns, n_full)
+    return Gather(source, None if rows else local, scale, shape, rows)
 
 
 def present_elements(species: torch.Tensor, z_table: Sequence[int]) -> list[int]:
@@ -148,7 +178,7 @@ class RestrictedBackbone:
         self.module._apply(fn)
         self.columns, self.other_columns = fn(self.columns), fn(self.other_columns)
         self.maps = {n: Gather(g.source, None if g.index is None else fn(g.index),
-                               None if g.scale is None else fn(g.scale), g.shape)
+                               None if g.scale is None else fn(g.scale), g.shape, g.rows)
                      for n, g in self.maps.items()}
 
     def covers(self, node_attrs: torch.Tensor) -> bool:
@@ -161,8 +191,13 @@ class RestrictedBackbone:
         out = {}
         for name, g in self.maps.items():
             source = params[g.source]
-            out["twin." + name] = source if g.index is None else (
-                source.flatten()[g.index] * g.scale).view(g.shape)
+            if g.rows is not None:
+                source = source.reshape(g.rows).index_select(1, self.columns)
+            elif g.index is not None:
+                source = source.flatten()[g.index]
+            if g.scale is not None:
+                source = source * g.scale
+            out["twin." + name] = source.reshape(g.shape)
         return out
 
     def layer_features(self, full: nn.Module, batch: dict,
