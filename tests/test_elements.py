@@ -33,9 +33,11 @@ def test_gather_map_follows_maces_rescaled_element_tables(backbone):
     elements = [8, 14, 26]
     twin, maps = gather_map(backbone, elements)
     n_full, n = len(backbone.atomic_numbers), len(elements)
-    emb = maps["node_embedding.linear.weight"]
-    assert emb.source == "node_embedding.linear.weight" and emb.index is not None
-    assert torch.allclose(emb.scale, torch.full_like(emb.scale, (n / n_full) ** 0.5))
+    emb = maps["node_embedding.linear.weight"]  # [89 x 128] flat: the elements' rows, rescaled
+    assert emb.source == "node_embedding.linear.weight" and emb.rows == (1, n_full, 128)
+    assert emb.scale.item() == pytest.approx((n / n_full) ** 0.5)
+    skip = maps["interactions.0.skip_tp.weight"]  # [128, 89, 128]: the middle axis selected
+    assert skip.rows == (128, n_full, 128) and skip.index is None
     assert twin.node_embedding.linear.weight.numel() * n_full == \
         backbone.node_embedding.linear.weight.numel() * n
     assert maps["interactions.0.linear_up.weight"].index is None  # element-free: passed as is
@@ -82,3 +84,12 @@ def test_training_with_and_without_restriction_is_the_same(backbone, tiny_cfg):
     plain, restricted = run(False), run(True)
     for key in ("train_loss", "l2sp_term", "bss_term", "val_mae"):
         assert restricted[0][key] == pytest.approx(plain[0][key], rel=1e-9, abs=1e-12), key
+
+
+def test_row_select_is_recognised_by_hand_and_other_gathers_fall_back():
+    from matxfer.elements import _row_select
+
+    columns = torch.tensor([1])
+    # a [2, 3, 2] table, element 1 of 3 kept: flat positions 2, 3 and 8, 9
+    assert _row_select(torch.tensor([2, 3, 8, 9]), 12, columns, 3) == (2, 3, 2)
+    assert _row_select(torch.tensor([2, 3, 8, 10]), 12, columns, 3) is None
