@@ -24,6 +24,9 @@ BIN=.venv/bin; RAY_STATE=/tmp/mxacc-$RAY_PORT
 mkdir -p "$ACC_DIR/logs"
 ACC_DIR=$(cd "$ACC_DIR" && pwd)  # absolute: the MLflow server gets it as DATA_DIR
 LOG=$ACC_DIR/logs/$(basename "$CONFIG" .yaml).log
+# Ray results and study summaries follow ACC_DIR (not the YAML's storage_path), so a campaign
+# in a fresh ACC_DIR never restores an interrupted study of another campaign
+STORE_ARGS=(--storage-path "$ACC_DIR/ray" --output-dir "$ACC_DIR/studies")
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 # drivers and Ray workers import this checkout's matxfer (not whatever the venv points to), so
 # a campaign run from a frozen worktree is not changed by edits elsewhere
@@ -48,7 +51,7 @@ for _ in $(seq 60); do curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null && bre
 tune() {  # variant, fold; TUNE_ARGS (e.g. "--pooling max") go to every study
   # shellcheck disable=SC2086
   "$BIN/matxfer" tune "$CONFIG" --variant "$1" --folds "$2" --address "127.0.0.1:$RAY_PORT" \
-    ${TUNE_ARGS:-}
+    "${STORE_ARGS[@]}" ${TUNE_ARGS:-}
 }
 stamp() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
 
@@ -73,7 +76,7 @@ if [ "${#FOLDS[@]}" -eq 5 ] || [ "${ALL_FOLDS:-0}" = 1 ]; then
   for variant in ${PHASES//,/ }; do
     # shellcheck disable=SC2086
     "$BIN/matxfer" tune "$CONFIG" --variant "$variant" --address "127.0.0.1:$RAY_PORT" \
-      ${TUNE_ARGS:-} >> "$LOG" 2>&1
+      "${STORE_ARGS[@]}" ${TUNE_ARGS:-} >> "$LOG" 2>&1
   done
   task=$(basename "$CONFIG" .yaml)
   "$BIN/matxfer" report --experiment "$task" --tasks "$task" --out "$ACC_DIR/report-$task" >> "$LOG" 2>&1
