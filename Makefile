@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# cueq: the cuequivariance compute path, tested on CPU through its torch fallback
+	$(BIN)/pip install --quiet -e '.[dev,cueq]'
 	# matbench 0.6 hard-pins ancient versions that do not build on Python 3.11.
 	$(BIN)/pip install --quiet --no-deps matbench==0.6
 	touch $(STAMP)

@@ -74,7 +74,7 @@ def measure(task: str, structures: int = 160, repeats: int = 2) -> dict:
         for name, (model, opt) in runs.items():
             rates[name].append(_epoch(model, graphs, rows, opt))
     rates = {k: v[1:] for k, v in rates.items()}
-    return {**record, "elements_present": len(restricted.restricted.elements),
+    return {**record, "elements_present": len(restricted.fast_path.elements),
             "elements_model": len(full.backbone.atomic_numbers),
             "restrict_seconds": round(seconds, 2),
             "full_structures_per_s": rates["full"],

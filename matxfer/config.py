@@ -60,6 +60,22 @@ class ModelConfig(_Strict):
     restrict_elements: bool = Field(
         False, description="run the backbone on the task's elements only: the same weights "
         "and results (matxfer.elements); not faster on CPU in make bench, so off")
+    kernels: Literal["e3nn", "cueq"] = Field(
+        "e3nn", description="'cueq': compute with cuequivariance kernels (matxfer.kernels, "
+        "the optional extra matxfer[cueq]); same weights and results")
+
+    @model_validator(mode="after")
+    def _one_compute_path(self) -> ModelConfig:
+        if self.kernels == "cueq" and self.restrict_elements:
+            raise ValueError("model.kernels 'cueq' and model.restrict_elements cannot be "
+                             "combined; choose one")
+        if self.kernels == "cueq":
+            from matxfer.kernels import cueq_available
+
+            if not cueq_available():
+                raise ValueError("model.kernels 'cueq' needs cuequivariance-torch (pip install "
+                                 "'matxfer[cueq]'); allowed without it: 'e3nn'")
+        return self
 
 
 class RegularizerConfig(_Strict):

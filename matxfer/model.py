@@ -142,7 +142,7 @@ class PropertyModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        self.restricted = None  # a RestrictedBackbone after restrict_elements()
+        self.fast_path = None  # RestrictedBackbone / CueqBackbone: same weights, other compute
         cols = scalar_columns(backbone)
         for i, c in enumerate(cols):
             self.register_buffer(f"scalar_cols_{i}", c, persistent=False)
@@ -155,21 +155,31 @@ class PropertyModel(nn.Module):
         matxfer.elements). Batches holding other elements still take the full path."""
         from matxfer.elements import RestrictedBackbone
 
-        self.restricted = RestrictedBackbone(self.backbone, elements, backbone_layer_features)
-        self.restricted.apply_(lambda t: t.to(next(self.backbone.parameters()).device))
+        self._set_fast_path(RestrictedBackbone(self.backbone, elements, backbone_layer_features))
 
-    def _apply(self, fn, recurse=True):  # .to()/.double() move the restricted path along
+    def use_cueq_kernels(self) -> None:
+        """Compute the backbone with cuequivariance kernels (same weights and results; see
+        matxfer.kernels)."""
+        from matxfer.kernels import CueqBackbone
+
+        self._set_fast_path(CueqBackbone(self.backbone, backbone_layer_features))
+
+    def _set_fast_path(self, path) -> None:
+        path.apply_(lambda t: t.to(next(self.backbone.parameters()).device))
+        self.fast_path = path
+
+    def _apply(self, fn, recurse=True):  # .to()/.double() move the fast path along
         super()._apply(fn, recurse)
-        if getattr(self, "restricted", None) is not None:
-            self.restricted.apply_(fn)
+        if getattr(self, "fast_path", None) is not None:
+            self.fast_path.apply_(fn)
         return self
 
     def layer_features(self, batch: dict) -> list[torch.Tensor]:
         """Invariant node features after each interaction+product block: list of [n_atoms, d_l]."""
         cols = [getattr(self, f"scalar_cols_{i}") for i in range(len(self.backbone.products))]
-        restricted = getattr(self, "restricted", None)
-        if restricted is not None and restricted.covers(batch["node_attrs"]):
-            return restricted.layer_features(self.backbone, batch, cols)
+        path = getattr(self, "fast_path", None)
+        if path is not None and path.covers(batch["node_attrs"]):
+            return path.layer_features(self.backbone, batch, cols)
         return backbone_layer_features(self.backbone, batch, cols)
 
     def pooled_layer_features(self, batch: dict) -> list[torch.Tensor]:
@@ -226,4 +236,7 @@ def build_model(cfg: ModelConfig) -> PropertyModel:
     backbone = load_backbone(cfg.source, cfg.init, cfg.init_seed, dtype)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
-        return PropertyModel(backbone, cfg.pooling, cfg.head_hidden)
+        model = PropertyModel(backbone, cfg.pooling, cfg.head_hidden)
+    if cfg.kernels == "cueq":
+        model.use_cueq_kernels()
+    return model

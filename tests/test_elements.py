@@ -47,7 +47,7 @@ def test_restricted_path_gives_the_full_models_predictions_and_gradients(pair, j
     full, restricted, rows, _ = pair
     batch = {k: v.double() if v.is_floating_point() else v
              for k, v in collate(jdft2d_graphs, rows).items()}
-    assert restricted.restricted.covers(batch["node_attrs"])
+    assert restricted.fast_path.covers(batch["node_attrs"])
     p_full, p_restricted = full(batch)[0], restricted(batch)[0]
     assert torch.allclose(p_full, p_restricted, rtol=0, atol=1e-10)
     full.zero_grad(), restricted.zero_grad()
@@ -66,7 +66,7 @@ def test_a_batch_with_other_elements_takes_the_full_path(pair, jdft2d_graphs):
         jdft2d_graphs.z_table)) - set(elements))
     batch = {k: v.double() if v.is_floating_point() else v
              for k, v in collate(jdft2d_graphs, [0, other]).items()}
-    assert not restricted.restricted.covers(batch["node_attrs"])
+    assert not restricted.fast_path.covers(batch["node_attrs"])
     assert torch.allclose(full(batch)[0], restricted(batch)[0], rtol=0, atol=1e-10)
 
 
@@ -78,7 +78,7 @@ def test_training_with_and_without_restriction_is_the_same(backbone, tiny_cfg):
         cfg.model.restrict_elements, cfg.model.dtype, cfg.train.epochs = restrict, "float64", 1
         cfg.regularizers.l2sp, cfg.regularizers.bss = 1e-2, 1e-3
         data = prepare_fold(cfg, model, progress=False)
-        assert (model.restricted is not None) == restrict
+        assert (model.fast_path is not None) == restrict
         return fit(model, data, cfg, log=None).history
 
     plain, restricted = run(False), run(True)
