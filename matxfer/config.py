@@ -101,6 +101,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    prefetch_batches: int = Field(
+        0, ge=0, description="batches built ahead in a background thread (on CUDA into pinned "
+        "memory, copied non-blocking); same batches, same order; 0: built in the loop")
 
 
 class StrategyConfig(_Strict):

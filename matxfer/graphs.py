@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -192,7 +194,58 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
         "ptr": torch.cat([torch.zeros(1, dtype=torch.long), na.cumsum(0)]),
         "y": torch.as_tensor(graphs.targets[rows_t.numpy()]),
     }
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return to_device(batch, device)
+
+
+def to_device(batch: dict, device: torch.device | str, pin: bool = False) -> dict:
+    """Move a batch; with `pin` on CUDA through pinned host memory with non-blocking copies
+    (the copy then overlaps the device's work instead of stalling the host)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return batch
+    if pin and device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+_DONE = object()
+
+
+def prefetched(batches: Iterator[dict], depth: int) -> Iterator[dict]:
+    """Yield from `batches` while a background thread builds up to `depth` of them ahead
+    (collation is numpy/torch work that releases the GIL, so it overlaps the training step).
+    Same items, same order; an exception in the producer is raised here."""
+    if depth <= 0:
+        yield from batches
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_DONE)
+        except BaseException as err:  # handed to the consumer
+            ready.put(err)
+
+    thread = threading.Thread(target=produce, name="matxfer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped early (break, error): let the producer finish
+        stop.set()
+        thread.join()
 
 
 def batch_rows(graphs: GraphSet, order: np.ndarray, batch_size: int,
@@ -219,10 +272,11 @@ def batch_rows(graphs: GraphSet, order: np.ndarray, batch_size: int,
 def iterate_batches(
     graphs: GraphSet, rows: Sequence[int], batch_size: int, shuffle: bool = False,
     seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-    max_atoms: int | None = None, max_edges: int | None = None,
+    max_atoms: int | None = None, max_edges: int | None = None, prefetch: int = 0,
 ) -> Iterator[dict]:
     """Yield batches over `rows` (see `batch_rows` for the budgets); with world_size > 1 each
-    rank gets an equal number of disjoint batches.
+    rank gets an equal number of disjoint batches; `prefetch` > 0 builds that many ahead in a
+    background thread (see `prefetched`).
 
     Shuffling is seeded (pass seed + epoch for a new order each epoch); under DDP every rank
     draws the same permutation and takes its own stride, as DistributedSampler does.
@@ -237,7 +291,7 @@ def iterate_batches(
     chunks = batch_rows(graphs, order, batch_size, max_atoms, max_edges)
     if world_size > 1 and budget:  # whole batches per rank, the same count on every rank
         chunks = chunks[rank : len(chunks) // world_size * world_size : world_size]
-    for chunk in chunks:
-        if shuffle and len(chunk) < 2:  # a 1-structure batch breaks BSS and batch statistics
-            continue
-        yield collate(graphs, chunk.tolist(), device)
+    # a 1-structure batch breaks BSS and batch statistics
+    kept = [c for c in chunks if not (shuffle and len(c) < 2)]
+    built = (to_device(collate(graphs, c.tolist()), device, pin=prefetch > 0) for c in kept)
+    return prefetched(built, prefetch)

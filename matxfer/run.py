@@ -24,7 +24,7 @@ from matxfer.elements import present_elements
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.storage import save_checked
-from matxfer.train import FoldData, TrainResult, batch_budget, fit, predict, score
+from matxfer.train import FoldData, TrainResult, fit, loader_options, predict, score
 
 OUTPUT_FILES = ("result.json", "history.csv", "predictions.csv", "checkpoint.pt", "config.yaml")
 
@@ -173,7 +173,7 @@ def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False
     model.to(device)
     trained = fit(model, data, cfg, device, log=print if progress else None)
     y_test, p_test = predict(model, data, "test", cfg.train.batch_size * 2, device,
-                             batch_budget(cfg.train, 2))
+                             loader_options(cfg.train, 2))
     test_score = score(data.spec, y_test, p_test)
     record = result_record(cfg, data, trained, test_score, time.perf_counter() - start)
     if out_dir:

@@ -64,10 +64,12 @@ def is_better(spec: TaskSpec, new: float, best: float) -> bool:
     return new > best if spec.kind == "classification" else new < best
 
 
-def batch_budget(t: TrainConfig, factor: int = 1) -> dict[str, int | None]:
-    """The atom/edge budgets of training batches (factor 2: evaluation, which keeps no graph)."""
+def loader_options(t: TrainConfig, factor: int = 1) -> dict[str, int | None]:
+    """iterate_batches options: the atom/edge budgets of training batches (factor 2:
+    evaluation, which keeps no graph) and the prefetch depth."""
     return {"max_atoms": t.max_batch_atoms and factor * t.max_batch_atoms,
-            "max_edges": t.max_batch_edges and factor * t.max_batch_edges}
+            "max_edges": t.max_batch_edges and factor * t.max_batch_edges,
+            "prefetch": t.prefetch_batches}
 
 
 def steps_per_epoch(data: FoldData, t: TrainConfig, world_size: int) -> int:
@@ -75,8 +77,8 @@ def steps_per_epoch(data: FoldData, t: TrainConfig, world_size: int) -> int:
     rows = np.asarray(data.rows["train"])
     if t.max_batch_atoms is None and t.max_batch_edges is None:
         return max(1, math.ceil(len(rows) // world_size / t.batch_size))
-    return max(1, len(batch_rows(data.graphs, rows, t.batch_size, **batch_budget(t)))
-               // world_size)
+    return max(1, len(batch_rows(data.graphs, rows, t.batch_size, t.max_batch_atoms,
+                                 t.max_batch_edges)) // world_size)
 
 
 @torch.no_grad()
@@ -84,7 +86,7 @@ def predict(model: nn.Module, data: FoldData, part: str, batch_size: int,
             device: torch.device | str = "cpu",
             budget: dict[str, int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(targets, predictions) in task units for split `part` ('train', 'val' or 'test');
-    `budget`: batch_budget() atom/edge limits per batch."""
+    `budget`: loader_options() (atom/edge limits per batch, prefetch depth)."""
     was_training = model.training
     model.eval()
     ys, preds = [], []
@@ -163,7 +165,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
     for batch in iterate_batches(data.graphs, data.rows["train"], cfg.train.batch_size,
                                  shuffle=True, seed=cfg.train.seed * 100_003 + epoch,
                                  rank=rank, world_size=world_size, device=device,
-                                 **batch_budget(cfg.train)):
+                                 **loader_options(cfg.train)):
         loss, terms = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,7 +275,7 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
         row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device,
-                                           batch_budget(t, 2)))
+                                           loader_options(t, 2)))
         result.history.append(row)
         if is_better(spec, row[metric], result.best_val):
             result.best_val, result.best_epoch = row[metric], epoch

@@ -29,7 +29,7 @@ from matxfer.run import write_outputs
 from matxfer.storage import checked_files, load_checked
 from matxfer.strategies import n_blocks
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
-from matxfer.train import batch_budget, predict, score
+from matxfer.train import loader_options, predict, score
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -297,7 +297,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
         model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
         data = prepare_fold(cfg, model, progress=False)
         data.scaler = scaler
-        y, p = predict(model, data, "test", 64, budget=batch_budget(cfg.train, 2))
+        y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))
         record = {
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
             "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,

@@ -13,6 +13,7 @@ from matxfer.graphs import (
     collate,
     iterate_batches,
     load_graph_set,
+    prefetched,
     save_graph_set,
     structure_graph,
     task_graphs,
@@ -139,3 +140,37 @@ def test_budget_batches_split_whole_batches_evenly_over_ranks(jdft2d_graphs):
     assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 1
     seen = [int(y) for b in sum(per_rank, []) for y in b["y"]]  # y is the row here
     assert len(seen) == len(set(seen)) and set(seen) <= set(rows)  # disjoint structures
+
+
+def test_prefetched_batches_are_the_same_batches_in_the_same_order(jdft2d_graphs):
+    def batches(prefetch: int) -> list[dict]:
+        return list(iterate_batches(jdft2d_graphs, list(range(40)), 8, shuffle=True, seed=3,
+                                    prefetch=prefetch))
+
+    plain, ahead = batches(0), batches(2)
+    assert len(plain) == len(ahead) == 5
+    for a, b in zip(plain, ahead):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetch_hands_over_producer_errors_and_stops_when_left_early():
+    def numbers():
+        yield from range(3)
+        raise RuntimeError("bad structure 3")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="bad structure 3"):
+        for x in prefetched(numbers(), 2):
+            seen.append(x)
+    assert seen == [0, 1, 2]
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    for x in prefetched(endless(), 2):
+        if x == 1:
+            break
+    assert len(produced) < 10  # the producer stopped soon after the consumer left
