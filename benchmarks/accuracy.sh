@@ -78,7 +78,7 @@ if [ "${#FOLDS[@]}" -eq 5 ] || [ "${ALL_FOLDS:-0}" = 1 ]; then
     "$BIN/matxfer" tune "$CONFIG" --variant "$variant" --address "127.0.0.1:$RAY_PORT" \
       "${STORE_ARGS[@]}" ${TUNE_ARGS:-} >> "$LOG" 2>&1
   done
-  task=$(basename "$CONFIG" .yaml)
+  task=$("$BIN/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["run"]["data"]["task"])' "$CONFIG")
   "$BIN/matxfer" report --experiment "$task" --tasks "$task" --out "$ACC_DIR/report-$task" >> "$LOG" 2>&1
   stamp "summaries and report written to $ACC_DIR/report-$task"
 fi
