@@ -2,7 +2,7 @@
 from them (`matxfer report --results`) and print the per-fold and per-variant tables for
 benchmarks/README.md.
 
-    .venv/bin/python benchmarks/collect_accuracy.py runs/accuracy matbench_jdft2d
+    .venv/bin/python benchmarks/collect_accuracy.py runs/accuracy matbench_jdft2d [RESULTS_ROOT]
 
 Reads <acc_dir>/studies/<task>/<variant>/fold<k>/result.json (what `matxfer tune` wrote), the
 per-variant summary.json and matbench_results.json, and the campaign log (wall time per fold
@@ -100,7 +100,9 @@ def report(results: Path, task: str) -> str:
 
 if __name__ == "__main__":
     acc, task = Path(sys.argv[1]), sys.argv[2]
-    results = Path(__file__).parent / "results" / "accuracy"
+    # optional third argument: another results root (a campaign at another budget)
+    results = Path(sys.argv[3]) if len(sys.argv) > 3 else \
+        Path(__file__).parent / "results" / "accuracy"
     table = collect(acc, task, results / task)
     print(markdown(table), "", means(table), "", report(results, task), sep="\n")
     log = results / task / "campaign_log.txt"
