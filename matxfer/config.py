@@ -101,6 +101,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: Literal["off", "inductor", "aot_eager", "eager"] = Field(
+        "off", description="torch.compile the training step with this backend (inductor: "
+        "generated kernels; aot_eager/eager: tracing checks, no speed-up); same results")
     prefetch_batches: int = Field(
         0, ge=0, description="batches built ahead in a background thread (on CUDA into pinned "
         "memory, copied non-blocking); same batches, same order; 0: built in the loop")
@@ -125,6 +128,14 @@ class RunConfig(_Strict):
     regularizers: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+
+    @model_validator(mode="after")
+    def _compile_on_the_e3nn_path(self) -> RunConfig:
+        if self.train.compile != "off" and (self.model.kernels != "e3nn"
+                                            or self.model.restrict_elements):
+            raise ValueError(f"train.compile {self.train.compile!r} needs model.kernels 'e3nn' "
+                             "and model.restrict_elements false")
+        return self
 
     @model_validator(mode="after")
     def _no_decay_toward_zero_under_l2sp(self) -> RunConfig:

@@ -73,7 +73,7 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
     freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
     data = prepare_fold(cfg, model, progress=False)  # reads the cache the driver built
     model.to(device)

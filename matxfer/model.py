@@ -231,9 +231,31 @@ class TargetScaler:
         return obj
 
 
-def build_model(cfg: ModelConfig) -> PropertyModel:
+def compile_ready(backbone: nn.Module) -> nn.Module:
+    """The same MACE rebuilt without e3nn's TorchScript code generation and fx-simplified
+    (mace.tools.compile.prepare), so torch.compile can trace it; identical state dict."""
+    from mace.tools.compile import prepare
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    dtype = next(backbone.parameters()).dtype
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        twin = prepare(type(backbone))(**extract_config_mace_model(backbone))
+    finally:
+        torch.set_default_dtype(previous)
+    twin.load_state_dict(backbone.state_dict())
+    for mine, theirs in zip(twin.parameters(), backbone.parameters()):
+        mine.requires_grad_(theirs.requires_grad)
+    return twin.to(dtype)
+
+
+def build_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:
+    """The PropertyModel of a config; `for_compile`: a backbone torch.compile can trace."""
     dtype = getattr(torch, cfg.dtype)
     backbone = load_backbone(cfg.source, cfg.init, cfg.init_seed, dtype)
+    if for_compile:
+        backbone = compile_ready(backbone)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
         model = PropertyModel(backbone, cfg.pooling, cfg.head_hidden)

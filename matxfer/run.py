@@ -166,7 +166,7 @@ def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
     if out_dir:  # the checkpoint plus a margin, so a finished result is never lost to a full disk
         check_free_space(out_dir, 2 * model_bytes(model) + 16 * 2**20, "--out")
     data = prepare_fold(cfg, model, progress)

@@ -238,6 +238,15 @@ def probe_head(raw: PropertyModel, data: FoldData, cfg: RunConfig, device, world
 EpochCallback = Callable[[dict, TrainResult, Callable[[], dict]], None]
 
 
+def compiled(model: nn.Module, backend: str) -> nn.Module:
+    """torch.compile for the training step: shapes change every batch, so dynamic; the
+    backbone must come from model.compile_ready (build_model(..., for_compile=True))."""
+    from mace.tools.compile import configure_autograd_for_compile
+
+    configure_autograd_for_compile()
+    return torch.compile(model, backend=backend, dynamic=True)
+
+
 def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1, on_epoch: EpochCallback | None = None,
         log: Callable[[str], None] | None = print, resume: dict | None = None) -> TrainResult:
@@ -264,11 +273,12 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     if resume:
         result = restore_state(raw, optimizer, scheduler, resume)
     nan_fault = rank == 0 and injected_nan_fault(cfg)
+    step_model = model if t.compile == "off" else compiled(model, t.compile)
     for epoch in range(result.epochs_run + 1, t.epochs + 1):
         if t.patience and result.history and epoch - 1 - result.best_epoch >= t.patience:
             break  # resumed after the epoch that triggered early stopping
         row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
-        row.update(train_epoch(model, objective, optimizer, scheduler, data, cfg, epoch,
+        row.update(train_epoch(step_model, objective, optimizer, scheduler, data, cfg, epoch,
                                device, rank, world_size))
         if nan_fault:
             row["train_loss"] = float("nan")
