@@ -32,7 +32,7 @@ def test_compiled_training_is_the_same(backbone, tiny_cfg):
         torch.manual_seed(0)
         model = PropertyModel(compile_ready(backbone).float(), "mean", [32])
         cfg = tiny_cfg.model_copy(deep=True)
-        cfg.train.epochs, cfg.data.max_structures, cfg.train.compile = 1, 24, mode
+        cfg.train.epochs, cfg.data.max_structures, cfg.train.compile = 1, 16, mode
         cfg.regularizers.l2sp, cfg.regularizers.bss = 1e-2, 1e-3
         data = prepare_fold(cfg, model, progress=False)
         return fit(model, data, cfg, log=None).history

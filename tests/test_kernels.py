@@ -9,8 +9,6 @@ from matxfer.config import UserError, load_config
 from matxfer.graphs import collate
 from matxfer.kernels import CueqBackbone
 from matxfer.model import PropertyModel
-from matxfer.run import prepare_fold
-from matxfer.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +53,6 @@ def test_the_weight_map_reproduces_maces_conversion_after_a_change(pair):
     mapped = cueq.fast_path.parameters_from(moved)
     for name, value in _cueq_twin(moved).named_parameters():
         assert torch.allclose(mapped["twin." + name], value, rtol=1e-9, atol=1e-12), name
-
-
-@pytest.mark.slow
-def test_training_with_cueq_kernels_is_the_same(backbone, pair, tiny_cfg):
-    def run(path) -> list[dict]:
-        torch.manual_seed(0)
-        model = PropertyModel(copy.deepcopy(backbone), "mean", [32])
-        cfg = tiny_cfg.model_copy(deep=True)
-        cfg.model.dtype, cfg.train.epochs, cfg.data.max_structures = "float64", 1, 16
-        cfg.regularizers.l2sp, cfg.regularizers.bss = 1e-2, 1e-3
-        data = prepare_fold(cfg, model, progress=False)
-        if path is not None:
-            model.fast_path = copy.deepcopy(path)  # the conversion made once, in `pair`
-        return fit(model, data, cfg, log=None).history
-
-    plain, cueq = run(None), run(pair[1].fast_path)
-    for key in ("train_loss", "l2sp_term", "bss_term", "val_mae"):
-        assert cueq[0][key] == pytest.approx(plain[0][key], rel=1e-6, abs=1e-9), key
 
 
 def test_cueq_cannot_be_combined_with_element_restriction():
