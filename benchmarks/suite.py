@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -337,7 +338,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller samples (about 5 min)")
+    parser.add_argument("--force", action="store_true", help="run on a busy machine anyway")
     args = parser.parse_args()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores and not args.force:  # other work would be measured, not matxfer
+        parser.exit(2, f"suite.py: load average {load:.1f} on {cores} cores; the ratios need "
+                       f"an idle machine (allowed: below {0.5 * cores:.1f}; --force to run)\n")
     n = 96 if args.quick else 320
     command = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
     results = {
