@@ -36,7 +36,10 @@ def load_predictor(path: Path) -> Predictor:
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     try:
         payload = load_checked(path)
-        cfg = RunConfig.model_validate(payload["config"])
+        # the checkpoint holds e3nn weights whatever kernels trained it: predict on e3nn, so
+        # a checkpoint from a cuequivariance run needs no cuequivariance here
+        tree = {**payload["config"], "model": {**payload["config"]["model"], "kernels": "e3nn"}}
+        cfg = RunConfig.model_validate(tree)
     except CorruptFile as err:
         raise UserError(f"refusing {str(path)!r}: {str(err).removeprefix(str(path) + ' ')}") \
             from None
