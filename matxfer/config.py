@@ -231,6 +231,9 @@ class SearchSpace(_Strict):
     lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
     pooling: list[Pooling] | None = Field(None, description="choices of readout pooling, "
                                           "picked per fold by validation")
+    first_trial_off: bool = Field(
+        False, description="the first trial runs with every allow_off range off (plain "
+        "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too")
 
     @model_validator(mode="after")
     def _valid_strategy_space(self) -> SearchSpace:
@@ -242,11 +245,20 @@ class SearchSpace(_Strict):
                 raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
         if self.pooling is not None and not self.pooling:
             raise ValueError("pooling must list one or more of mean, sum, max, mean+max")
+        if self.first_trial_off and not self.off_point():
+            raise ValueError("first_trial_off needs a searched range with allow_off true "
+                             "(l2sp, bss or lr_decay)")
         return self
 
     def searched(self) -> list[str]:
         """Names of the searched hyperparameters."""
-        return [n for n in type(self).model_fields if getattr(self, n) is not None]
+        return [n for n in type(self).model_fields
+                if n != "first_trial_off" and getattr(self, n) is not None]
+
+    def off_point(self) -> dict[str, bool]:
+        """Optuna parameters of the all-off trial: every allow_off range switched off."""
+        return {f"{n}_on": False for n in self.searched() if n != "lr"
+                and isinstance(getattr(self, n), SearchRange) and getattr(self, n).allow_off}
 
     def grid_size(self) -> int | None:
         """Number of combinations when every searched entry is a list of choices (the space

@@ -257,8 +257,10 @@ def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict |
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=study.seed + fold)
+    # an enqueued Optuna trial: DefineSpace's suggest calls return its fixed values
+    first = [study.search.off_point()] if study.search.first_trial_off else None
     search_alg = OptunaSearch(space=DefineSpace(study.search), metric="best_val", mode=mode,
-                              sampler=sampler)
+                              sampler=sampler, points_to_evaluate=first)
     return search_alg, None, study.num_samples
 
 

@@ -51,6 +51,28 @@ def test_pooling_is_searchable_per_fold(study_yaml):
         load_study_config(study_yaml, {"search.pooling": ["median"]})
 
 
+def test_first_trial_off_runs_plain_fine_tuning_first_then_tpe(study_yaml):
+    """The enqueued all-off point reaches the define-by-run space through Ray's searcher:
+    trial 1 is plain fine-tuning, the next ones are proposed by TPE as usual."""
+    from matxfer.tune import search_for
+
+    study = load_study_config(study_yaml, {"search.first_trial_off": True})
+    search_alg, _, _ = search_for(study, 0, "min")
+    first = search_alg.suggest("t1")
+    assert first == {"l2sp_on": False, "bss_on": False}
+    cfg = trial_run_config(study, 0, first)
+    assert (cfg.regularizers.l2sp, cfg.regularizers.bss) == (0.0, 0.0)
+    search_alg.on_trial_complete("t1", {"best_val": 1.0})
+    later = [search_alg.suggest(f"t{i}") for i in range(2, 8)]
+    assert any(p["l2sp_on"] or p["bss_on"] for p in later)  # 6 all-off draws: p = 1/4096
+    plain = search_for(load_study_config(study_yaml), 0, "min")[0]
+    assert "l2sp_on" in plain.suggest("t1")  # without the flag, TPE proposes from trial 1
+    never_off = {"low": 1e-6, "high": 1e-1, "allow_off": False}
+    with pytest.raises(UserError, match="first_trial_off needs a searched range"):
+        load_study_config(study_yaml, {"search.first_trial_off": True,
+                                       "search.l2sp": never_off, "search.bss": never_off})
+
+
 @pytest.mark.parametrize("variant, choices", [("freeze", [1, 2]), ("pooling", ["mean", "max"])])
 def test_a_space_of_choices_only_is_a_grid_run_once(study_yaml, variant, choices):
     """num_samples (4 in the YAML) is capped at the number of combinations, and the study
