@@ -24,6 +24,7 @@ TRAIN_FLAGS = {
     "threads": ("train.threads", int), "device": ("train.device", str),
     "lp_epochs": ("strategy.lp_epochs", int), "lr_decay": ("strategy.lr_decay", float),
     "freeze_blocks": ("strategy.freeze_blocks", int),
+    "compile": ("train.compile", str), "kernels": ("model.kernels", str),
 }
 
 TUNE_FLAGS = {
@@ -32,6 +33,7 @@ TUNE_FLAGS = {
     "num_workers": ("scaling.num_workers", int), "epochs": ("run.train.epochs", int),
     "max_structures": ("run.data.max_structures", int), "storage_path": ("storage_path", str),
     "output_dir": ("output_dir", str),
+    "compile": ("run.train.compile", str), "kernels": ("run.model.kernels", str),
 }
 
 

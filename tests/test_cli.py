@@ -80,6 +80,9 @@ BAD_TRAIN_ARGS = [
     (["--max-structures", "0"], "data.max_structures: Input should be greater than or equal"),
     (["--data-dir", "/nonexistent"], "data_dir '/nonexistent' holds no matbench_jdft2d.json.gz"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["--compile", "fast"], "train.compile: Input should be 'off', 'inductor', 'aot_eager'"),
+    (["--kernels", "triton"], "model.kernels: Input should be"),
+    (["--compile", "inductor", "--kernels", "cueq"], "needs model.kernels 'e3nn'"),
 ]
 
 
