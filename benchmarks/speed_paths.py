@@ -95,7 +95,9 @@ def run_variant(name: str, task: str, structures: int, epochs: int, device: str,
 
 
 def measure(variants: list[str], task: str, structures: int, epochs: int, device: str,
-            dtype: str) -> dict:
+            dtype: str, out_path: Path | None = None) -> dict:
+    """Every variant against the e3nn loop; the record is rewritten after each variant, so a
+    run stopped at a time limit keeps what it measured."""
     out: dict = {"task": task, "structures": structures, "epochs": epochs, "device": device,
                  "dtype": dtype, "torch": torch.__version__, "host": platform.machine(),
                  "threads": torch.get_num_threads(), "variants": {}}
@@ -116,6 +118,8 @@ def measure(variants: list[str], task: str, structures: int, epochs: int, device
         print(f"{name:14s} {best:8.1f} structures/s  ratio {record['ratio_vs_e3nn']:.3f}  "
               f"pred diff {record['max_abs_pred_diff_vs_e3nn']:.2e} before, "
               f"{record['max_abs_pred_diff_after_training']:.2e} after training", flush=True)
+        if out_path:
+            out_path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -135,7 +139,5 @@ if __name__ == "__main__":
         parser.exit(2, "speed_paths.py: --device cuda but no CUDA device; use --device cpu\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.variants, args.task, args.structures, args.epochs, args.device,
-                     args.dtype)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    measure(args.variants, args.task, args.structures, args.epochs, args.device, args.dtype,
+            args.out)

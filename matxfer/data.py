@@ -136,9 +136,15 @@ def load_task(task: str, data_dir: str | None = None) -> pd.DataFrame:
 
 @lru_cache(maxsize=1)
 def _validation_splits() -> dict:
-    from importlib.resources import files
+    """matbench's fold file, read from its package folder without importing matbench (whose
+    __init__ imports matminer and pymatgen: ~1 s, and not needed once graphs are cached)."""
+    from importlib.util import find_spec
 
-    return json.loads(files("matbench").joinpath("matbench_v0.1_validation.json").read_text())
+    spec = find_spec("matbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("matbench is not installed: pip install --no-deps matbench==0.6")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return json.loads((folder / "matbench_v0.1_validation.json").read_text())
 
 
 def official_fold(task: str, fold: int) -> tuple[list[str], list[str]]:
