@@ -95,9 +95,7 @@ def pool(x: torch.Tensor, batch: torch.Tensor, n_graphs: int, how: str) -> torch
     total = x.new_zeros(n_graphs, x.shape[1]).scatter_add(0, index, x)
     if how == "sum":
         return total
-    # scatter_add, not bincount: a static output shape, so torch.compile traces it unbroken
-    ones = torch.ones_like(batch, dtype=x.dtype)
-    counts = x.new_zeros(n_graphs).scatter_add(0, batch, ones).clamp(min=1).unsqueeze(-1)
+    counts = torch.bincount(batch, minlength=n_graphs).clamp(min=1).unsqueeze(-1).to(x.dtype)
     mean = total / counts
     if how == "mean":
         return mean
