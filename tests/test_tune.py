@@ -287,10 +287,16 @@ def _stop_after(driver, experiment, n_done: int, how) -> dict[str, str]:
     import time
 
     def finished() -> dict[str, str]:
+        """Trials whose last reported epoch is the final one. Not "two lines": a trial
+        resumed from its epoch-1 checkpoint after the SIGINT reports epoch 2 only."""
         done = {}
         for path in experiment.glob("_trial_*/result.json"):
             text = path.read_text()
-            if text.count("\n") >= 2:
+            try:
+                last = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
+            except ValueError:  # caught mid-write
+                continue
+            if last.get("epoch") == 2:
                 done[path.parent.name] = text
         return done
 
