@@ -256,7 +256,8 @@ class SearchSpace(_Strict):
                 if n != "first_trial_off" and getattr(self, n) is not None]
 
     def off_point(self) -> dict[str, bool]:
-        """Optuna parameters of the all-off trial: every allow_off range switched off."""
+        """Optuna parameters of the all-off trial: every allow_off range switched off (the
+        learning rate is never off). Its keys are the on/off switches of the space."""
         return {f"{n}_on": False for n in self.searched() if n != "lr"
                 and isinstance(getattr(self, n), SearchRange) and getattr(self, n).allow_off}
 

@@ -87,12 +87,13 @@ class DefineSpace:
         self.search = search
 
     def __call__(self, trial) -> None:
+        switches = self.search.off_point()  # the ranges that have an "off" choice
         for name in self.search.searched():
             space = getattr(self.search, name)
             if isinstance(space, list):
                 trial.suggest_categorical(name, space)
                 continue
-            if name != "lr" and space.allow_off:
+            if f"{name}_on" in switches:
                 if not trial.suggest_categorical(f"{name}_on", [True, False]):
                     continue
             trial.suggest_float(name, space.low, space.high, log=True)

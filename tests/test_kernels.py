@@ -63,7 +63,6 @@ def test_cueq_cannot_be_combined_with_element_restriction():
     assert load_config(overrides={"model.kernels": "cueq"}).model.kernels == "cueq"
 
 
-
 def test_a_checkpoint_trained_on_cueq_predicts_on_e3nn(pair, tmp_path):
     """Checkpoints hold e3nn weights: predict needs no conversion (nor cuequivariance)."""
     from matxfer.model import TargetScaler
