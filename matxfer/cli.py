@@ -32,7 +32,7 @@ TUNE_FLAGS = {
     "num_samples": ("num_samples", int), "max_concurrent_trials": ("max_concurrent_trials", int),
     "num_workers": ("scaling.num_workers", int), "epochs": ("run.train.epochs", int),
     "max_structures": ("run.data.max_structures", int), "storage_path": ("storage_path", str),
-    "output_dir": ("output_dir", str),
+    "output_dir": ("output_dir", str), "study_dir": ("study_dir", str),
     "compile": ("run.train.compile", str), "kernels": ("run.model.kernels", str),
 }
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cpu", action="store_true",
                       help="gloo CPU workers even if the YAML asks for GPUs")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    tune.add_argument("--check", action="store_true",
+                      help="check everything that can be checked without training, print the "
+                      "plan, exit 0 when the study could start (2 otherwise)")
 
     pred = sub.add_parser("predict", help="predict new structures with fine-tuned model(s)")
     pred.add_argument("--model", required=True,
@@ -145,13 +148,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from matxfer.config import load_study_config
     from matxfer.records import format_summary
-    from matxfer.tune import run_study
+    from matxfer.tune import check_study, run_study
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds
     if args.cpu:
         overrides["scaling.use_gpu"] = False
     study = load_study_config(args.config, overrides, args.variant)
+    if args.check:
+        print(check_study(study, address=args.address))
+        return 0
     table = run_study(study, address=args.address)
     print(format_summary(table, study))
     return 0

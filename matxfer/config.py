@@ -185,8 +185,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"config file {str(path)!r} is not valid YAML{where}") from None
-    if tree is None:
-        return {}
+    if tree is None:  # an empty file would silently start a full default run
+        raise UserError(f"config file {str(path)!r} is empty; it must hold a mapping of "
+                        "settings (see tune_configs/)")
     if not isinstance(tree, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping, got {type(tree).__name__}")
     return tree
@@ -233,7 +234,9 @@ class SearchSpace(_Strict):
                                           "picked per fold by validation")
     first_trial_off: bool = Field(
         False, description="the first trial runs with every allow_off range off (plain "
-        "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too")
+        "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too; it does "
+        "not apply (no trial is enqueued) when no searched range can be off, e.g. under the "
+        "no-reg, random-init, lp-ft, llrd, freeze and pooling variants")
 
     @model_validator(mode="after")
     def _valid_strategy_space(self) -> SearchSpace:
@@ -245,10 +248,13 @@ class SearchSpace(_Strict):
                 raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
         if self.pooling is not None and not self.pooling:
             raise ValueError("pooling must list one or more of mean, sum, max, mean+max")
-        if self.first_trial_off and not self.off_point():
-            raise ValueError("first_trial_off needs a searched range with allow_off true "
-                             "(l2sp, bss or lr_decay)")
         return self
+
+    def first_point(self) -> dict[str, bool] | None:
+        """The Optuna parameters of the enqueued first trial, or None when first_trial_off is
+        off or does not apply (no searched range has an 'off' choice)."""
+        point = self.off_point()
+        return point if self.first_trial_off and point else None
 
     def searched(self) -> list[str]:
         """Names of the searched hyperparameters."""
@@ -307,7 +313,11 @@ class StudyConfig(_Strict):
     asha: AshaSettings = Field(default_factory=AshaSettings)
     seed: int = 0
     storage_path: str = Field("runs/ray", description="Ray results: local folder, NFS or s3://")
-    output_dir: str = Field("runs/studies", description="per-task summaries and records")
+    output_dir: str = Field("runs/studies", description="results: <output_dir>/<task>/"
+                            "<variant>/<fingerprint>/, one folder per distinct study")
+    study_dir: str | None = Field(
+        None, description="pin this study's result folder (instead of the fingerprint "
+        "folder under output_dir); a study with other settings there is refused")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")

@@ -14,15 +14,11 @@ from matxfer.config import StudyConfig
 from matxfer.data import get_task, load_task, official_fold
 
 
-def fold_dir(study: StudyConfig, fold: int) -> Path:
-    return Path(study.output_dir) / study.run.data.task / study.name / f"fold{fold}"
-
-
-def summarize(study: StudyConfig, records: list[dict]) -> pd.DataFrame:
-    """Per-fold table plus mean ± std of the test metric; writes summary and Matbench record."""
+def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFrame:
+    """Per-fold table plus mean ± std of the test metric, written to the study's folder `out`
+    (its fold<k>/ hold the per-fold results), with the Matbench record when complete."""
     spec = get_task(study.run.data.task)
     table = pd.DataFrame(records)
-    out = Path(study.output_dir) / spec.name / study.name
     test = table[f"test_{spec.metric}"].to_numpy()
     complete = study.run.data.max_structures is None and sorted(table["fold"]) == list(range(5))
     summary = {"task": spec.name, "variant": study.name, "metric": f"test_{spec.metric}",
@@ -36,7 +32,7 @@ def summarize(study: StudyConfig, records: list[dict]) -> pd.DataFrame:
     if complete:  # matbench records (and validates) all five full folds, nothing less
         write_matbench_record(
             spec.name,
-            {r.fold: pd.read_csv(fold_dir(study, r.fold) / "predictions.csv")
+            {r.fold: pd.read_csv(out / f"fold{r.fold}" / "predictions.csv")
              for r in table.itertuples()},
             {r.fold: {"l2sp": r.l2sp, "bss": r.bss, "lr": r.lr, "variant": study.name}
              for r in table.itertuples()},

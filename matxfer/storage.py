@@ -5,16 +5,23 @@
 is one and raises :class:`CorruptFile` on a mismatch or an unreadable file, so callers can
 rebuild (caches) or refuse with one line (checkpoints). `sha256sum -c file.sha256` checks the
 same by hand.
+
+`load_checked` unpickles with `weights_only=True`: tensors and plain containers, str, int,
+float, bool and None only. A file holding any other pickled object raises :class:`UnsafeFile`
+without running it; `plain` turns numpy values into what that loader accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 SIDECAR = ".sha256"
@@ -23,6 +30,10 @@ _CHUNK = 1 << 20
 
 class CorruptFile(Exception):
     """A file that fails its checksum or cannot be unpickled."""
+
+
+class UnsafeFile(Exception):
+    """A file holding pickled objects outside the weights-only allow-list (never executed)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -73,15 +84,50 @@ def verify(path: str | Path) -> None:
 
 
 def load_checked(path: str | Path, **kwargs: Any) -> Any:
-    """torch.load after `verify`; unreadable files raise CorruptFile naming the path."""
+    """torch.load(weights_only=True) after `verify`: unreadable files raise CorruptFile, files
+    holding other pickled objects UnsafeFile; both name the path."""
     verify(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, **kwargs)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as err:
+        reason = _weights_only_refusal(str(err))
+        if reason is None:
+            raise CorruptFile(f"{path} cannot be read (UnpicklingError): truncated or not a "
+                              "torch file") from None
+        raise UnsafeFile(f"{path} holds a pickled object outside the tensors-and-plain-values "
+                         f"allow-list ({reason}); it was not loaded") from None
     except Exception as err:  # torch/pickle raise many types for a damaged file
         raise CorruptFile(f"{path} cannot be read ({type(err).__name__}): truncated or "
                           "not a torch file") from None
+
+
+def _weights_only_refusal(message: str) -> str | None:
+    """The reason torch's weights-only unpickler gave, or None for another unpickling error."""
+    if "Weights only load failed" not in message:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if found:
+        return f"global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+    return (found.group(1).split(". ")[0] if found else "unsupported content")[:200]
+
+
+def plain(obj: Any) -> Any:
+    """`obj` with numpy scalars as Python numbers and numpy arrays as tensors, so that
+    `load_checked` accepts it; containers without such values are returned as they are."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        done = {k: plain(v) for k, v in obj.items()}
+        return obj if all(done[k] is v for k, v in obj.items()) else type(obj)(done)
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
 
 
 def checked_files(folder: Path, name: str) -> dict[str, Path]:

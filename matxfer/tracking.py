@@ -209,15 +209,17 @@ class Tracker:
         return int(version.version)
 
 
-def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str) -> str:
-    """The fold's parent run (reused when the study resumes), with the search space."""
+def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str,
+                    fingerprint: str) -> str:
+    """The fold's parent run (reused when the same study resumes: `name` carries the
+    fingerprint), with the search space."""
     from matxfer.data import data_source_id
     from matxfer.model import resolve_model_path
 
     task = study.run.data.task
     tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
                                 data_source_id(task, study.run.data.data_dir))
-    tags.update({"variant": study.name, "fold": str(fold)})
+    tags.update({"variant": study.name, "fold": str(fold), "matxfer.fingerprint": fingerprint})
     run_id = tracker.start_run(name, tags, ("matxfer.study", name))
     tracker.log_params(run_id, {
         "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,
@@ -263,9 +265,9 @@ def make_tracker(study: StudyConfig) -> Tracker | None:
                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
 
 
-def log_summary(tracker: Tracker, study: StudyConfig, run_names: list[str]) -> None:
-    """The per-task summary (and Matbench record, when complete) on every fold's parent run."""
-    out = Path(study.output_dir) / study.run.data.task / study.name
+def log_summary(tracker: Tracker, out: Path, run_names: list[str]) -> None:
+    """The study's summary (and Matbench record, when complete) in folder `out`, logged on
+    every fold's parent run."""
     files = {p.name: p for p in out.glob("summary.*")}
     if (out / "matbench_results.json").exists():
         files["matbench_results.json"] = out / "matbench_results.json"

@@ -23,11 +23,12 @@ from matxfer.config import RunConfig, SearchSpace, StudyConfig, StudyInterrupted
 from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
+from matxfer.identity import StudyIdentity, claim_folder
 from matxfer.model import PropertyModel, TargetScaler, build_model
-from matxfer.records import fold_dir, summarize
+from matxfer.preflight import Plan, preflight
+from matxfer.records import summarize
 from matxfer.run import write_outputs
 from matxfer.storage import checked_files, load_checked
-from matxfer.strategies import n_blocks
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
 from matxfer.train import loader_options, predict, score
 
@@ -120,7 +121,7 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
     return cfg
 
 
-def _trial(params: dict, study_json: str, fold: int) -> None:
+def _trial(params: dict, study_json: str, fold: int, run_name: str) -> None:
     """Tune trainable: launches the Ray Train run of one trial."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -130,7 +131,7 @@ def _trial(params: dict, study_json: str, fold: int) -> None:
     cfg = trial_run_config(study, fold, params)
     ctx = tune.get_context()
     fit_on_workers(cfg, study.scaling, study.storage_path,
-                   name=f"{study_name(study, fold)}-train/{ctx.get_trial_id()}",
+                   name=f"{run_name}-train/{ctx.get_trial_id()}",
                    callbacks=[TuneReportCallback()])
 
 
@@ -142,8 +143,10 @@ class TrialLogger(tune.Callback):
     """Live MLflow logging from the driver: one child run per trial under the fold's parent,
     per-epoch metrics (history.csv names), then the learning-curve PNG and best checkpoint."""
 
-    def __init__(self, tracker, parent_id: str, study: StudyConfig, fold: int) -> None:
+    def __init__(self, tracker, parent_id: str, study: StudyConfig, fold: int,
+                 run_name: str) -> None:
         self.tracker, self.parent_id, self.study, self.fold = tracker, parent_id, study, fold
+        self.run_name = run_name
         self.metric = f"val_{get_task(study.run.data.task).metric}"
         self.runs: dict[str, str] = {}
         self.history: dict[str, list[dict]] = {}
@@ -157,7 +160,7 @@ class TrialLogger(tune.Callback):
             cfg = trial_run_config(self.study, self.fold, trial.config)
             run_id = self.tracker.start_run(
                 f"trial-{trial.trial_id}", {"mlflow.parentRunId": self.parent_id},
-                ("matxfer.trial_id", f"{study_name(self.study, self.fold)}/{trial.trial_id}"))
+                ("matxfer.trial_id", f"{self.run_name}/{trial.trial_id}"))
             self.tracker.log_params(run_id, {
                 "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
                 "bss_k": cfg.regularizers.bss_k, "lr": cfg.train.lr,
@@ -204,21 +207,20 @@ class TrialLogger(tune.Callback):
         self.tracker.end_run(run_id, "FAILED")
 
 
-def study_name(study: StudyConfig, fold: int) -> str:
-    return f"{study.run.data.task}-{study.name}-fold{fold}"
-
-
 def storage_uri(study: StudyConfig) -> str:
     path = study.storage_path
     return path if "://" in path else os.path.abspath(path)
 
 
-def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> tune.Tuner:
-    """A new Tuner for one fold, or the interrupted one restored (finished trials kept)."""
+def make_tuner(study: StudyConfig, fold: int, run_name: str,
+               callbacks: list | None = None) -> tune.Tuner:
+    """A new Tuner for one fold, or the interrupted one of the same study (same fingerprint,
+    hence the same `run_name`) restored, finished trials kept."""
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold),
+        tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold,
+                             run_name=run_name),
         {"cpu": 0.01})
-    path = os.path.join(storage_uri(study), study_name(study, fold))
+    path = os.path.join(storage_uri(study), run_name)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         tuner._local_tuner._run_config.callbacks = callbacks  # callbacks are not persisted
@@ -239,7 +241,7 @@ def make_tuner(study: StudyConfig, fold: int, callbacks: list | None = None) -> 
         tune_config=tune.TuneConfig(search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=study.max_concurrent_trials),
-        run_config=tune.RunConfig(name=study_name(study, fold), callbacks=callbacks,
+        run_config=tune.RunConfig(name=run_name, callbacks=callbacks,
                                   storage_path=storage_uri(study), verbose=0),
     )
 
@@ -259,7 +261,7 @@ def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict |
 
     sampler = optuna.samplers.TPESampler(seed=study.seed + fold)
     # an enqueued Optuna trial: DefineSpace's suggest calls return its fixed values
-    first = [study.search.off_point()] if study.search.first_trial_off else None
+    first = [study.search.first_point()] if study.search.first_point() else None
     search_alg = OptunaSearch(space=DefineSpace(study.search), metric="best_val", mode=mode,
                               sampler=sampler, points_to_evaluate=first)
     return search_alg, None, study.num_samples
@@ -286,7 +288,8 @@ def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunC
     return model, TargetScaler.from_state(payload["scaler"]), cfg, payload
 
 
-def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> dict:
+def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
+                  results: tune.ResultGrid) -> dict:
     """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
     from matxfer.run import prepare_fold
 
@@ -295,7 +298,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
     best = results.get_best_result("best_val", mode, scope="last", filter_nan_and_inf=True)
     ckpt = best_checkpoint_file(best) if best is not None else None
     if ckpt is None:
-        raise RuntimeError(f"{study_name(study, fold)}: no trial finished with a checkpoint")
+        raise RuntimeError(f"{ident.run_name(fold)}: no trial finished with a checkpoint")
     with ckpt.as_directory() as folder:
         model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
         data = prepare_fold(cfg, model, progress=False)
@@ -303,6 +306,7 @@ def evaluate_best(study: StudyConfig, fold: int, results: tune.ResultGrid) -> di
         y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))
         record = {
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
+            "fingerprint": ident.fingerprint,
             "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
             "pooling": cfg.model.pooling,
             "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
@@ -342,23 +346,29 @@ def error_line(err: BaseException) -> str:
     return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
 
 
-def build_graph_cache(study: StudyConfig, model: PropertyModel) -> None:
+def build_graph_cache(study: StudyConfig, plan: Plan) -> None:
     """Build the task's graph cache once in the driver; trials only read it."""
-    backbone = model.backbone
-    task_graphs(study.run.data.task, [int(z) for z in backbone.atomic_numbers],
-                float(backbone.r_max), next(backbone.parameters()).dtype,
-                study.run.data.cache_dir, study.run.data.data_dir)
+    task_graphs(study.run.data.task, list(plan.model.atomic_numbers), plan.model.r_max,
+                getattr(torch, study.run.model.dtype), study.run.data.cache_dir,
+                study.run.data.data_dir)
 
 
-def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
-    """One fold's study (resumed if interrupted), then the single test evaluation."""
-    done = fold_dir(study, fold) / "result.json"
+def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) -> dict:
+    """One fold's study (resumed if interrupted), then the single test evaluation. Only work
+    of the same fingerprint is skipped or resumed: it lives in the study's own folder."""
+    done = ident.fold_dir(fold) / "result.json"
     if done.exists():
-        print(f"fold {fold}: finished earlier, skipping ({done})")
-        return json.loads(done.read_text())
-    parent_id = open_parent_run(tracker, study, fold, study_name(study, fold)) if tracker else None
-    callbacks = [TrialLogger(tracker, parent_id, study, fold)] if tracker else []
-    results = make_tuner(study, fold, callbacks).fit()
+        record = json.loads(done.read_text())
+        if record.get("fingerprint") == ident.fingerprint:
+            print(f"fold {fold}: finished earlier with the same settings, skipping ({done})")
+            return record
+        raise UserError(f"{str(done)!r} was computed with other settings (fingerprint "
+                        f"{record.get('fingerprint')}, this study {ident.fingerprint})")
+    name = ident.run_name(fold)
+    parent_id = open_parent_run(tracker, study, fold, name, ident.fingerprint) \
+        if tracker else None
+    callbacks = [TrialLogger(tracker, parent_id, study, fold, name)] if tracker else []
+    results = make_tuner(study, fold, name, callbacks).fit()
     finished = results.num_terminated + results.num_errors
     if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
         raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "
@@ -366,56 +376,39 @@ def run_fold(study: StudyConfig, fold: int, tracker=None) -> dict:
     errors = [r.error for r in results if r.error]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"fold {fold}: every trial failed; first error: {errors[0]}")
-    outcome = evaluate_best(study, fold, results)
+    outcome = evaluate_best(study, ident, fold, results)
     if tracker:
         outcome["record"]["mlflow_run_id"] = parent_id  # the dict is also result.json's content
-    write_outputs(fold_dir(study, fold), outcome["files"])
+    write_outputs(ident.fold_dir(fold), outcome["files"])
     if tracker:
-        log_fold_result(tracker, parent_id, study, fold, outcome, fold_dir(study, fold))
+        log_fold_result(tracker, parent_id, study, fold, outcome, ident.fold_dir(fold))
     return outcome["record"]
 
 
-def check_study_space(study: StudyConfig, model: PropertyModel) -> None:
-    """Ray keeps each running trial's last checkpoint (best weights + training state with the
-    optimizer's moments: ~5x the weights) and writes the next beside it; the driver writes each
-    fold's result. Refuse before training when the disks cannot hold that."""
-    from matxfer.run import check_free_space, model_bytes
-
-    weights = model_bytes(model)
-    margin = 16 * 2**20
-    check_free_space(Path(study.output_dir), len(study.folds) * 2 * weights + margin,
-                     "output_dir")
-    if "://" not in study.storage_path:
-        check_free_space(Path(study.storage_path),
-                         study.max_concurrent_trials * 2 * 5 * weights + margin, "storage_path")
+def attached_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def check_strategy(study: StudyConfig, model: PropertyModel) -> None:
-    """Freezing counts are checked against the real backbone here, not mid-trial."""
-    limit = n_blocks(model)
-    for k in [study.run.strategy.freeze_blocks, *(study.search.freeze_blocks or [])]:
-        if k > limit:
-            raise UserError(f"freeze_blocks {k} exceeds the backbone's {limit} blocks; "
-                            f"allowed: 0-{limit}")
+def check_study(study: StudyConfig, address: str | None = None) -> str:
+    """`tune --check`: the plan, printed; UserError (exit 2) naming every problem found."""
+    plan = preflight(study, attached=attached_address(address) is not None)
+    print("\n".join(plan.lines))
+    plan.raise_problems()
+    return "ok: the study can start"
 
 
 def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     """All requested folds of one task, then the per-task summary."""
-    if study.scaling.use_gpu and not torch.cuda.is_available() and not address:
-        raise UserError("scaling.use_gpu is true but this machine has no CUDA device")
-    from matxfer.run import check_writable
-
-    check_writable(Path(study.output_dir), "output_dir")
-    if "://" not in study.storage_path:  # s3:// and friends are checked by Ray
-        check_writable(Path(study.storage_path), "storage_path")
-    model = build_model(study.run.model)
-    check_strategy(study, model)
-    check_study_space(study, model)
+    plan = preflight(study, attached=attached_address(address) is not None)
+    print("\n".join(plan.lines), flush=True)
+    plan.raise_problems()
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
-    build_graph_cache(study, model)
+    claim_folder(plan.ident)
+    build_graph_cache(study, plan)
     init_ray(address)
-    records = [run_fold(study, fold, tracker) for fold in study.folds]
-    table = summarize(study, records)
+    records = [run_fold(study, plan.ident, fold, tracker) for fold in study.folds]
+    table = summarize(study, plan.ident.folder, records)
     if tracker:
-        log_summary(tracker, study, [study_name(study, f) for f in table["fold"]])
+        log_summary(tracker, plan.ident.folder, [plan.ident.run_name(f) for f in table["fold"]])
+    print(f"results: {plan.ident.folder}")
     return table

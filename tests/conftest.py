@@ -62,3 +62,19 @@ def write_study_yaml(folder, uri: str, samples: int = 2, concurrent: int = 1, ep
         "run:\n  data: {task: matbench_jdft2d, max_structures: 40, val_fraction: 0.2}\n"
         f"  train: {{epochs: {epochs}, batch_size: 8}}\n  model: {{head_hidden: [32]}}\n")
     return path
+
+
+def study_folder(studies_root, task: str = "matbench_jdft2d", variant: str = "main"):
+    """The one fingerprint folder a study wrote under `studies_root` (its output_dir)."""
+    from pathlib import Path
+
+    (folder,) = (p.parent for p in Path(studies_root, task, variant).glob("*/study.json"))
+    return folder
+
+
+def study_identity(cfg_path, **overrides):
+    """The identity (fingerprint, folders, Ray experiment names) `matxfer tune` computes."""
+    from matxfer.config import load_study_config
+    from matxfer.preflight import preflight
+
+    return preflight(load_study_config(cfg_path, overrides)).ident

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_study_yaml
+from conftest import study_folder, study_identity, write_study_yaml
 
 BUILD = """
 import sys, torch
@@ -133,7 +133,7 @@ def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, 
     finally:
         ray.shutdown()
     assert (tmp_path / "nan-fault-fired").exists()
-    fold = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
+    fold = study_folder(tmp_path / "studies") / "fold0"
     trials = pd.read_csv(fold / "trials.csv", keep_default_na=False)
     failed = trials[trials["error"] != ""]
     assert len(trials) == 2 and len(failed) == 1, trials.to_string()
@@ -186,12 +186,13 @@ def test_fault_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path,
     monkeypatch.setenv("MATXFER_TEST_TAG", tag)
     cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=1, epochs=6)
     killed: list[int] = []
+    experiment = tmp_path / "ray" / study_identity(cfg).run_name(0)
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             # Tune has the epoch-1 report, so Ray Train has registered its checkpoint
-            progress = list((tmp_path / "ray").glob("matbench_jdft2d-main-fold0/*/progress.csv"))
+            progress = list(experiment.glob("*/progress.csv"))
             if progress and len(progress[0].read_text().splitlines()) >= 2:
                 for pid in _our_train_workers(tag):
                     os.kill(pid, signal.SIGKILL)
@@ -206,12 +207,11 @@ def test_fault_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path,
         ray.shutdown()
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
-    (progress,) = (tmp_path / "ray").glob("matbench_jdft2d-main-fold0/*/progress.csv")
+    (progress,) = experiment.glob("*/progress.csv")
     reports = pd.read_csv(progress)
     assert sorted(reports["epoch"]) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
     assert reports["resumed_from_epoch"].max() >= 1  # the new workers did not start over
-    fold = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
-    assert (fold / "result.json").is_file()
+    assert (study_folder(tmp_path / "studies") / "fold0" / "result.json").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (child,) = [r for r in client.search_runs(
         [client.get_experiment_by_name("matbench_jdft2d").experiment_id])

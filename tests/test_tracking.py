@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_study_yaml
+from conftest import study_folder, write_study_yaml
 
 from matxfer.config import UserError
 from matxfer.tracking import Tracker, check_reachable
@@ -146,7 +146,7 @@ def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tm
 
     table = pd.read_csv(out)
     assert table.loc[0, "formula"] == "NaCl" and table.loc[0, "prediction"] > 0
-    result = json.loads((tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0" /
+    result = json.loads((study_folder(tmp_path / "studies") / "fold0" /
                          "result.json").read_text())
     assert result["mlflow_run_id"] == parent.info.run_id
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import optuna
 import pytest
-from conftest import write_study_yaml
+from conftest import study_folder, study_identity, write_study_yaml
 
 from matxfer.config import UserError, load_study_config
 from matxfer.tune import DefineSpace, trial_run_config
@@ -68,9 +68,10 @@ def test_first_trial_off_runs_plain_fine_tuning_first_then_tpe(study_yaml):
     plain = search_for(load_study_config(study_yaml), 0, "min")[0]
     assert "l2sp_on" in plain.suggest("t1")  # without the flag, TPE proposes from trial 1
     never_off = {"low": 1e-6, "high": 1e-1, "allow_off": False}
-    with pytest.raises(UserError, match="first_trial_off needs a searched range"):
-        load_study_config(study_yaml, {"search.first_trial_off": True,
-                                       "search.l2sp": never_off, "search.bss": never_off})
+    forced = load_study_config(study_yaml, {"search.first_trial_off": True,
+                                            "search.l2sp": never_off, "search.bss": never_off})
+    assert forced.search.first_point() is None  # nothing can be off: the flag does not apply
+    assert not search_for(forced, 0, "min")[0]._points_to_evaluate
 
 
 @pytest.mark.parametrize("variant, choices", [("freeze", [1, 2]), ("pooling", ["mean", "max"])])
@@ -140,7 +141,7 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
     study = load_study_config(study_yaml)
     try:
         table = run_study(study)
-        out = tmp_path / "studies" / "matbench_jdft2d" / "main"
+        out = study_folder(tmp_path / "studies")
         result = json.loads((out / "fold0" / "result.json").read_text())
         assert result["n_trials"] == 2 and result["test_mae"] > 0
         assert result["val_mae"] > 0 and 1 <= result["best_epoch"] <= 2
@@ -330,8 +331,9 @@ def test_fault_driver_interrupted_then_sigkilled_resumes_without_rerunning_finis
 
     cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3)
     command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
-    experiment = tmp_path / "ray" / "matbench_jdft2d-main-fold0"
-    fold0 = tmp_path / "studies" / "matbench_jdft2d" / "main" / "fold0"
+    ident = study_identity(cfg)
+    experiment = tmp_path / "ray" / ident.run_name(0)
+    fold0 = ident.fold_dir(0)
 
     def start():
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

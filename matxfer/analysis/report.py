@@ -54,27 +54,48 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
 
 def collect_results(results_dir: Path) -> pd.DataFrame:
     """The same rows as `collect_runs`, from the files `matxfer tune` writes:
-    <results_dir>/<task>/<variant>/fold<k>/result.json (no MLflow store needed)."""
+    <results_dir>/<task>/<variant>/<fingerprint>/fold<k>/result.json (no MLflow store
+    needed; the older <task>/<variant>/fold<k>/ layout is read too). Where one task and
+    variant holds several studies, one is shown (see `pick_studies`)."""
     import json
 
     if not results_dir.is_dir():
         raise UserError(f"--results {str(results_dir)!r} is not a folder; it should hold "
-                        f"<task>/<variant>/fold<k>/result.json, as `matxfer tune` writes")
+                        f"<task>/<variant>/<fingerprint>/fold<k>/result.json, as `matxfer "
+                        "tune` writes")
     rows = []
-    for path in sorted(results_dir.glob("*/*/fold[0-4]/result.json")):
+    paths = [*results_dir.glob("*/*/*/fold[0-4]/result.json"),
+             *results_dir.glob("*/*/fold[0-4]/result.json")]
+    for path in sorted(paths):
         record = json.loads(path.read_text())
         metric = f"test_{get_task(record['task']).metric}"
         rows.append({"task": record["task"], "variant": record["variant"],
                      "fold": int(record["fold"]), "test": float(record[metric]),
                      "run_id": record.get("mlflow_run_id", ""), "experiment_id": "",
                      "best_trial": record.get("trial_id", ""),
-                     "subset": record.get("max_structures") is not None})
+                     "subset": record.get("max_structures") is not None,
+                     "study": str(path.parent.parent)})
     if not rows:
         raise UserError(f"--results {str(results_dir)!r} holds no "
-                        f"<task>/<variant>/fold<k>/result.json")
+                        f"<task>/<variant>/<fingerprint>/fold<k>/result.json")
+    return pick_studies(pd.DataFrame(rows))
+
+
+def pick_studies(rows: pd.DataFrame) -> pd.DataFrame:
+    """One study per (task, variant): full data before subsets, then the most folds, then
+    the newest folder; the others are named on stdout, never mixed into a cell."""
+    keep = []
+    for (task, variant), group in rows.groupby(["task", "variant"], sort=False):
+        studies = group.groupby("study").agg(subset=("subset", "max"), n=("fold", "nunique"))
+        studies["mtime"] = [Path(s).stat().st_mtime for s in studies.index]
+        studies = studies.sort_values(["subset", "n", "mtime"], ascending=[True, False, False])
+        chosen = studies.index[0]
+        for other in studies.index[1:]:
+            print(f"report: {task} [{variant}]: showing {chosen}, not {other}")
+        keep.append(group[group["study"] == chosen])
     columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial",
                "subset"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.concat(keep)[columns].reset_index(drop=True)
 
 
 def _cell(values: pd.Series, subset: bool = False) -> str:

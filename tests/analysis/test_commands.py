@@ -133,20 +133,24 @@ def test_table1_gains_a_column_per_strategy_present():
 
 def test_report_from_result_files_without_mlflow(tmp_path, capsys):
     """`report --results DIR` reads what `matxfer tune` wrote: Table 1 from result.json files
-    (three folds of main, one of random-init), no tracking store involved."""
+    (three folds of main, one of random-init), no tracking store involved. A quickstart-sized
+    study of main (another fingerprint folder, a subset) is named but not mixed in."""
     tests = {("main", 0): 20.0, ("main", 1): 30.0, ("main", 2): 40.0, ("random-init", 0): 60.0}
-    for (variant, fold), mae in tests.items():
-        folder = tmp_path / "studies" / "matbench_jdft2d" / variant / f"fold{fold}"
-        folder.mkdir(parents=True)
-        (folder / "result.json").write_text(json.dumps({
-            "task": "matbench_jdft2d", "variant": variant, "fold": fold, "test_mae": mae,
-            "trial_id": "t", "max_structures": None}))
+    quick = {("main", 0): 99.0}
+    for study, subset, results in (("0123abcd4567", None, tests), ("quick0000000", 96, quick)):
+        for (variant, fold), mae in results.items():
+            folder = tmp_path / "studies" / "matbench_jdft2d" / variant / study / f"fold{fold}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({
+                "task": "matbench_jdft2d", "variant": variant, "fold": fold, "test_mae": mae,
+                "trial_id": "t", "max_structures": subset}))
     out = tmp_path / "report"
     assert main(["report", "--results", str(tmp_path / "studies"), "--out", str(out)]) == 0
     table = pd.read_csv(out / "table1.csv").set_index("task").loc["matbench_jdft2d"]
     assert table["MP0 (L2-SP+BSS)"] == f"30 ± {np.std([20, 30, 40]):.2g} (3)"
     assert table["MACE-RI"] == "60 ± 0 (1)" and table["MP0 (no reg)"] == "-"
     assert table["MP0 vs RI"] == "+50.0%"  # (60 - 30) / 60
+    assert "showing" in capsys.readouterr().out  # the quickstart study is named, not used
     assert sorted(p.name for p in out.iterdir()) == [
         "figure1_fold_metrics.png", "runs.csv", "table1.csv", "table1.md"]
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2

@@ -1,0 +1,313 @@
+"""Self-contained checkpoints that load without the foundation weights and without running code.
+
+A checkpoint (format 2) is a dict of tensors and JSON-able values, written by
+`storage.save_checked` and read with `torch.load(weights_only=True)`:
+
+- `format_version`, `matxfer_version`; `task` (name) and `task_spec` (target, unit, kind, metric)
+- `backbone`: MACE class name, dtype and architecture (mace's `extract_config_mace_model`,
+  Irreps/classes/functions/arrays encoded as plain values); `head`: pooling and hidden sizes
+- `model_state`: every tensor of the PropertyModel; `z_table`; `scaler`
+- `foundation`: init, source ('small' or a file name), seed and the SHA-256 of the foundation
+  weights it started from (None for init=random)
+- `config`: the RunConfig without machine-specific paths (data_dir, cache_dir dropped)
+
+Older files (no `format_version`) are refused with the command that converts them once:
+`convert_checkpoint` unpickles a *trusted* old file and needs the foundation weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from matxfer import __version__
+from matxfer.config import DataConfig, ModelConfig, RunConfig, UserError, format_validation_error
+from matxfer.data import TaskSpec, get_task
+from matxfer.model import PropertyModel, TargetScaler, build_model, resolve_model_path
+from matxfer.storage import (
+    CorruptFile,
+    UnsafeFile,
+    load_checked,
+    plain,
+    save_checked,
+    sha256_file,
+    verify,
+)
+
+FORMAT_VERSION = 2
+CHECKPOINT_FILE = "checkpoint.pt"
+MACE_MODELS = ("ScaleShiftMACE", "MACE")
+PATH_KEYS = ("data_dir", "cache_dir")
+
+
+def _gates() -> dict[str, Any]:
+    """Activation functions a MACE readout may hold, by the name stored in a checkpoint."""
+    f = torch.nn.functional
+    return {"silu": f.silu, "tanh": torch.tanh, "abs": torch.abs, "relu": f.relu,
+            "gelu": f.gelu, "sigmoid": torch.sigmoid, "softplus": f.softplus}
+
+
+def encode(value: Any) -> Any:
+    """mace's architecture config -> JSON-able values (the inverse is `decode`)."""
+    from e3nn import o3
+
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": value.dtype.name}
+    if isinstance(value, o3.Irreps):
+        return {"__irreps__": str(value)}
+    if isinstance(value, type):
+        return {"__class__": value.__name__}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    names = [n for n, fn in _gates().items() if fn is value]
+    if names:
+        return {"__function__": names[0]}
+    raise ValueError(f"cannot store a {type(value).__name__} ({value!r:.60}) in a checkpoint")
+
+
+def decode(value: Any) -> Any:
+    """JSON-able values -> mace's architecture config (Irreps, MACE classes, functions)."""
+    from e3nn import o3
+
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return torch.tensor(value["__tensor__"], dtype=_torch_dtype(value["dtype"]))
+    if "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=np.dtype(str(value["dtype"])))
+    if "__irreps__" in value:
+        return o3.Irreps(value["__irreps__"])
+    if "__class__" in value:
+        return mace_class(value["__class__"])
+    if "__function__" in value:
+        gates = _gates()
+        if value["__function__"] not in gates:
+            raise ValueError(f"unknown activation {value['__function__']!r}")
+        return gates[value["__function__"]]
+    return {k: decode(v) for k, v in value.items()}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def mace_class(name: str) -> type:
+    """A MACE model or block class by name, looked up in mace.modules only (never imported by
+    a path the file chooses)."""
+    import mace.modules
+    import mace.modules.blocks
+
+    for where in (mace.modules, mace.modules.blocks):
+        cls = getattr(where, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            return cls
+    raise ValueError(f"{name!r} is not a class of mace.modules")
+
+
+def architecture(backbone: torch.nn.Module) -> dict:
+    """{class, dtype, config}: what rebuilds `backbone` with `build_backbone`."""
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    name = next((c.__name__ for c in type(backbone).__mro__ if c.__name__ in MACE_MODELS), None)
+    config = extract_config_mace_model(backbone)
+    if name is None or "error" in config:
+        raise ValueError(f"cannot describe a {type(backbone).__name__} backbone")
+    dtype = next(backbone.parameters()).dtype
+    return {"class": name, "dtype": str(dtype).removeprefix("torch."), "config": encode(config)}
+
+
+def build_backbone(arch: dict) -> torch.nn.Module:
+    """A MACE backbone of the stored architecture (float64 build, like mace's own models, then
+    the stored dtype); its weights come from the checkpoint's state."""
+    if arch.get("class") not in MACE_MODELS:
+        raise ValueError(f"backbone class {arch.get('class')!r} is not one of {MACE_MODELS}")
+    cls, config = mace_class(arch["class"]), decode(arch["config"])
+    dtype = _torch_dtype(arch["dtype"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng():
+            backbone = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    for p in backbone.readouts.parameters():  # as load_backbone: no gradient to readouts
+        p.requires_grad_(False)
+    return backbone.to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def portable_source(source: str) -> str:
+    """'small' stays; a model file path becomes its file name (no machine-specific folders)."""
+    return source if source == "small" else Path(source).name
+
+
+def foundation_record(cfg: ModelConfig) -> dict:
+    """What the fine-tune started from: init, source, seed, SHA-256 of the weights file."""
+    sha = None
+    if cfg.init == "pretrained":
+        path = resolve_model_path(cfg.source).resolve()
+        stat = path.stat()
+        sha = _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    return {"init": cfg.init, "source": portable_source(cfg.source), "seed": cfg.init_seed,
+            "sha256": sha}
+
+
+def portable_config(cfg: RunConfig) -> dict:
+    """The run config without paths of this machine."""
+    tree = cfg.model_dump()
+    for key in PATH_KEYS:
+        tree["data"].pop(key, None)
+    tree["model"]["source"] = portable_source(cfg.model.source)
+    return tree
+
+
+def head_hidden(model: PropertyModel) -> list[int]:
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    return [m.out_features for m in linears[:-1]]
+
+
+def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: TargetScaler,
+                  z_table, state: dict | None = None) -> dict:
+    """A format-2 checkpoint of `model` (weights `state`, default the model's own)."""
+    return {
+        "format_version": FORMAT_VERSION, "matxfer_version": __version__,
+        "task": spec.name,
+        "task_spec": {"name": spec.name, "target": spec.target, "unit": spec.unit,
+                      "kind": spec.kind, "metric": spec.metric},
+        "config": portable_config(cfg), "foundation": foundation_record(cfg.model),
+        "backbone": architecture(model.backbone),
+        "head": {"pooling": model.pooling, "hidden": head_hidden(model)},
+        "z_table": [int(z) for z in z_table], "scaler": plain(scaler.state()),
+        "model_state": state if state is not None else model.state_dict(),
+    }
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
+def _reason(err: Exception, path: Path) -> str:
+    return str(err).removeprefix(str(path) + " ")
+
+
+def read_payload(path: Path) -> dict:
+    """The payload of a format-2 checkpoint, loaded weights-only; anything else is refused
+    with one line (UserError)."""
+    try:
+        payload = load_checked(path)
+    except FileNotFoundError:
+        raise UserError(f"{str(path)!r} does not exist") from None
+    except CorruptFile as err:
+        raise UserError(f"refusing {str(path)!r}: {_reason(err, path)}") from None
+    except UnsafeFile as err:
+        raise UserError(f"refusing {str(path)!r}: {_reason(err, path)}; if it is an old "
+                        "matxfer checkpoint from a source you trust, convert it with "
+                        "`matxfer checkpoint convert OLD NEW`") from None
+    if not isinstance(payload, dict) or "model_state" not in payload:
+        raise UserError(f"{str(path)!r} is not a matxfer checkpoint")
+    version = payload.get("format_version")
+    if version is None:
+        raise UserError(f"{str(path)!r} is an old-format matxfer checkpoint (before format "
+                        f"{FORMAT_VERSION}); convert it once with `matxfer checkpoint convert "
+                        f"{path} NEW` (needs the foundation weights; only for files you trust)")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{str(path)!r} has checkpoint format {version!r}; this matxfer "
+                        f"{__version__} reads format {FORMAT_VERSION}")
+    return payload
+
+
+def model_from_payload(payload: dict) -> PropertyModel:
+    """The fine-tuned PropertyModel, rebuilt from the stored architecture and weights (eval)."""
+    backbone = build_backbone(payload["backbone"])
+    head = payload["head"]
+    with torch.random.fork_rng():
+        model = PropertyModel(backbone, head["pooling"], list(head["hidden"]))
+    model.load_state_dict(payload["model_state"])
+    return model.eval()
+
+
+def config_from_payload(payload: dict, local: DataConfig | None = None) -> RunConfig:
+    """The stored RunConfig on the e3nn path; `local` gives this machine's data/cache folders."""
+    tree = copy.deepcopy(payload["config"])
+    tree["model"]["kernels"] = "e3nn"  # e3nn weights whatever kernels trained them
+    for key in PATH_KEYS:
+        tree["data"][key] = getattr(local, key) if local is not None else None
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err)) from None
+
+
+def load_checkpoint(path: str | Path, local: DataConfig | None = None,
+                    ) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
+    """(model, scaler, run config, payload) of a checkpoint file or folder; no foundation
+    weights needed. `local`: data_dir/cache_dir to put back into the config."""
+    path = checkpoint_file(path)
+    payload = read_payload(path)
+    try:
+        cfg = config_from_payload(payload, local)
+        model = model_from_payload(payload)
+        scaler = TargetScaler.from_state(dict(payload["scaler"]))
+    except Exception as err:  # missing keys, a mismatched state, an unknown class
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"{str(path)!r} is not a valid matxfer checkpoint "
+                        f"({type(err).__name__}: {first})") from None
+    return model, scaler, cfg, payload
+
+
+def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
+    """Rewrite an old-format checkpoint (trusted: it is unpickled) in the current format. The
+    foundation weights must be present: they give the architecture and its SHA-256."""
+    old_path, new_path = checkpoint_file(old_path), Path(new_path)
+    new_path = new_path / CHECKPOINT_FILE if new_path.is_dir() else new_path
+    if not old_path.is_file():
+        raise UserError(f"{str(old_path)!r} does not exist")
+    try:
+        verify(old_path)
+        # the one trusted, code-running load: the caller vouches for this old file
+        old = torch.load(old_path, map_location="cpu", weights_only=False)
+        if isinstance(old, dict) and old.get("format_version") is not None:
+            raise UserError(f"{str(old_path)!r} is already in format "
+                            f"{old['format_version']}; nothing to convert")
+        cfg = config_from_payload(old)
+    except CorruptFile as err:
+        raise UserError(f"refusing {str(old_path)!r}: {_reason(err, old_path)}") from None
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{str(old_path)!r} is not an old matxfer checkpoint "
+                        f"({type(err).__name__}: {str(err)[:200]})") from None
+    model = build_model(cfg.model)  # needs the foundation weights (architecture, SHA-256)
+    model.load_state_dict(old["model_state"])
+    z_table = old.get("z_table") or [int(z) for z in model.backbone.atomic_numbers]
+    payload = build_payload(model, cfg, get_task(old["task"]),
+                            TargetScaler.from_state(dict(old["scaler"])), z_table)
+    payload["converted_from"] = {"matxfer_version": old.get("matxfer_version")}
+    if "history" in old:
+        payload["history"] = plain(old["history"])
+    save_checked(payload, new_path)
+    return new_path

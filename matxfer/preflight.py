@@ -1,0 +1,227 @@
+"""Preflight: every check of files, packages, devices and services a study needs, run once
+before any work, and the plan it prints (`matxfer tune CONFIG --check`).
+
+`preflight` collects every problem it finds (not only the first), so `--check` names all of
+them in one line; `run_study` calls the same function and refuses on the same problems.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from matxfer.config import StudyConfig, UserError
+from matxfer.data import get_task, local_data_file
+from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
+from matxfer.model import resolve_model_path
+from matxfer.run import check_free_space, check_writable
+from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
+
+MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks need to know of the backbone, without building a PropertyModel."""
+
+    path: Path
+    sha256: str
+    n_params: int
+    n_bytes: int  # float32 training copy, bytes
+    n_blocks: int  # embedding + interactions (freezing, LR decay)
+    atomic_numbers: tuple[int, ...]  # the element table graphs are built for
+    r_max: float  # cutoff, Å
+
+
+@dataclass
+class Plan:
+    """The outcome of a preflight: what would run, where, and what stops it."""
+
+    study: StudyConfig
+    ident: StudyIdentity | None = None
+    model: ModelFacts | None = None
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, label: str, text: str) -> None:
+        self.lines.append(f"  {label:<9} {text}")
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise UserError("; ".join(self.problems))
+
+
+@lru_cache(maxsize=4)
+def model_facts(path: Path) -> ModelFacts:
+    """Parameter count and blocks of a MACE file (loaded once per process)."""
+    from matxfer.model import load_backbone
+
+    backbone = load_backbone(str(path))
+    n_params = sum(p.numel() for p in backbone.parameters())
+    return ModelFacts(path, file_sha256(str(path)), n_params, 4 * n_params,
+                      1 + len(backbone.interactions),
+                      tuple(int(z) for z in backbone.atomic_numbers), float(backbone.r_max))
+
+
+@lru_cache(maxsize=1)
+def download_reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None when the host of `url` accepts a TCP connection, else the reason."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return str(err.strerror or err)
+
+
+def matminer_url(task: str) -> str:
+    from matminer.datasets.utils import _load_dataset_dict
+
+    return _load_dataset_dict()[task]["url"]
+
+
+def check_data(plan: Plan) -> str:
+    """The task's data file (its SHA-256), or 'matminer:<task>' when it will be downloaded."""
+    data = plan.study.run.data
+    spec = get_task(data.task)
+    local = local_data_file(data.task, data.data_dir)
+    if local is not None:
+        sha = file_sha256(str(local))
+        plan.add("data", f"{spec.name}: {spec.size} structures ({spec.target}, {spec.unit}), "
+                 f"{local} (sha256 {sha[:12]})")
+        return sha
+    if data.data_dir:
+        plan.problems.append(f"data_dir {data.data_dir!r} holds no {data.task}.json.gz")
+        return "missing"
+    url = matminer_url(data.task)
+    reason = download_reachable(url)
+    if reason:
+        plan.problems.append(f"data for {data.task} is not on this machine and {url} is "
+                             f"unreachable ({reason}); set MATMINER_DATA or run.data.data_dir")
+    plan.add("data", f"{spec.name}: {spec.size} structures, downloaded by matminer from {url}")
+    return f"matminer:{data.task}"
+
+
+def check_model(plan: Plan) -> str:
+    cfg = plan.study.run.model
+    try:
+        facts = model_facts(resolve_model_path(cfg.source))
+    except UserError as err:
+        plan.problems.append(str(err))
+        return "missing"
+    plan.model = facts
+    plan.add("model", f"{cfg.source} ({facts.path.name}, sha256 {facts.sha256[:12]}, "
+             f"{facts.n_params:,} parameters), init {cfg.init}, pooling {cfg.pooling}")
+    for k in [plan.study.run.strategy.freeze_blocks, *(plan.study.search.freeze_blocks or [])]:
+        if k > facts.n_blocks:
+            plan.problems.append(f"freeze_blocks {k} exceeds the backbone's {facts.n_blocks} "
+                                 f"blocks; allowed: 0-{facts.n_blocks}")
+    return facts.sha256
+
+
+def check_devices(plan: Plan, attached: bool) -> None:
+    s = plan.study.scaling
+    shape = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    backend = "NCCL" if s.use_gpu else "gloo"
+    plan.add("workers", f"{s.num_workers} per trial x {shape} ({backend}), "
+             f"{plan.study.max_concurrent_trials} trial(s) at a time")
+    if s.use_gpu and not attached and not torch.cuda.is_available():
+        plan.problems.append("scaling.use_gpu is true but this machine has no CUDA device; "
+                             "pass --cpu for gloo CPU workers, or --address of a GPU cluster")
+
+
+def describe_search(plan: Plan) -> None:
+    study = plan.study
+    space = study.search
+    parts = []
+    for name in space.searched():
+        entry = getattr(space, name)
+        if isinstance(entry, list):
+            parts.append(f"{name} in {entry}")
+        else:
+            parts.append(f"{name} log-uniform [{entry.low:g}, {entry.high:g}]"
+                         + (" or off" if entry.allow_off else ""))
+    if not parts:
+        parts = ["nothing (one run per fold)"]
+    if space.first_trial_off:
+        parts.append("first trial all off" if space.first_point()
+                     else "first_trial_off does not apply (no range can be off)")
+    plan.add("search", "; ".join(parts))
+    asha = (f"ASHA (grace {study.asha.grace_period} epochs, reduction "
+            f"{study.asha.reduction_factor:g})" if study.asha.enabled and study.num_samples > 1
+            else "no early stopping of trials")
+    plan.add("trials", f"{study.num_samples} per fold, {asha}")
+    t = study.run.train
+    plan.add("budget", f"{t.epochs} epochs, batch {t.batch_size}, patience {t.patience}, "
+             f"max_structures {study.run.data.max_structures}")
+
+
+def check_outputs(plan: Plan) -> None:
+    study, ident = plan.study, plan.ident
+    checks = [(Path(study.study_dir or study.output_dir), "study_dir" if study.study_dir
+               else "output_dir")]
+    if "://" not in study.storage_path:  # s3:// and friends are checked by Ray
+        checks.append((Path(study.storage_path), "storage_path"))
+    for path, what in checks:
+        try:
+            check_writable(path, what)
+        except UserError as err:
+            plan.problems.append(str(err))
+            return
+    if plan.model is not None:
+        weights = plan.model.n_bytes
+        needs = [(checks[0], len(study.folds) * 2 * weights)]
+        if len(checks) > 1:  # each running trial keeps a checkpoint (+ optimizer state)
+            needs.append((checks[1], study.max_concurrent_trials * 2 * 5 * weights))
+        for (path, what), size in needs:
+            try:
+                check_free_space(path, size + MARGIN, what)
+            except UserError as err:
+                plan.problems.append(str(err))
+    conflict = folder_conflict(ident)
+    if conflict:
+        plan.problems.append(conflict)
+    status = {f: fold_status(ident, f, storage_dir(study)) for f in study.folds}
+    plan.add("folds", "  ".join(f"{f}: {s}" for f, s in status.items())
+             + "   (finished: skipped; interrupted: resumed)")
+    plan.add("results", f"{ident.folder}/  (fingerprint {ident.fingerprint})")
+    plan.add("ray", f"{storage_dir(study)}/{ident.run_name(study.folds[0])} ...")
+
+
+def storage_dir(study: StudyConfig) -> str:
+    path = study.storage_path
+    return path if "://" in path else str(Path(path).absolute())
+
+
+def check_tracking(plan: Plan) -> None:
+    tracking = plan.study.tracking
+    if not tracking.enabled:
+        plan.add("tracking", "off")
+        return
+    uri = resolve_tracking_uri(tracking.uri)
+    try:
+        check_reachable(uri)
+    except UserError as err:
+        plan.problems.append(str(err))
+    plan.add("tracking", f"{uri}, experiment {tracking.experiment or plan.study.run.data.task}")
+
+
+def preflight(study: StudyConfig, attached: bool = False) -> Plan:
+    """Check everything a study needs before training; the plan lists what would run."""
+    plan = Plan(study)
+    plan.lines.append(f"study {study.run.data.task} [{study.name}]")
+    data_sha = check_data(plan)
+    weights_sha = check_model(plan)
+    plan.ident = identify(study, data_sha, weights_sha)
+    plan.lines[0] += f"  fingerprint {plan.ident.fingerprint}"
+    describe_search(plan)
+    check_devices(plan, attached)
+    check_outputs(plan)
+    check_tracking(plan)
+    return plan
