@@ -44,6 +44,7 @@ FORMAT_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.pt"
 MACE_MODELS = ("ScaleShiftMACE", "MACE")
 PATH_KEYS = ("data_dir", "cache_dir")
+OPTIONAL_SUFFIX = "_zeroed"
 
 
 def _gates() -> dict[str, Any]:
@@ -246,7 +247,13 @@ def model_from_payload(payload: dict) -> PropertyModel:
     head = payload["head"]
     with torch.random.fork_rng():
         model = PropertyModel(backbone, head["pooling"], list(head["hidden"]))
-    model.load_state_dict(payload["model_state"])
+    missing, unexpected = model.load_state_dict(payload["model_state"], strict=False)
+    # flags newer mace versions add to symmetric contractions; a pickled foundation model from
+    # an older mace lacks them and its forward never reads them: the fresh defaults stand
+    missing = [k for k in missing if not k.endswith(OPTIONAL_SUFFIX)]
+    if missing or unexpected:
+        raise ValueError(f"stored weights do not fit the stored architecture (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
 

@@ -103,7 +103,7 @@ def check_data(plan: Plan) -> str:
     reason = download_reachable(url)
     if reason:
         plan.problems.append(f"data for {data.task} is not on this machine and {url} is "
-                             f"unreachable ({reason}); set MATMINER_DATA or run.data.data_dir")
+                             f"unreachable ({reason}): set MATMINER_DATA or run.data.data_dir")
     plan.add("data", f"{spec.name}: {spec.size} structures, downloaded by matminer from {url}")
     return f"matminer:{data.task}"
 
@@ -132,8 +132,8 @@ def check_devices(plan: Plan, attached: bool) -> None:
     plan.add("workers", f"{s.num_workers} per trial x {shape} ({backend}), "
              f"{plan.study.max_concurrent_trials} trial(s) at a time")
     if s.use_gpu and not attached and not torch.cuda.is_available():
-        plan.problems.append("scaling.use_gpu is true but this machine has no CUDA device; "
-                             "pass --cpu for gloo CPU workers, or --address of a GPU cluster")
+        plan.problems.append("scaling.use_gpu is true but this machine has no CUDA device "
+                             "(pass --cpu for gloo CPU workers, or --address of a GPU cluster)")
 
 
 def describe_search(plan: Plan) -> None:

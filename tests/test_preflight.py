@@ -1,0 +1,126 @@
+"""Every shipped config × every variant passes `matxfer tune --check`, and a study's identity
+(fingerprint) decides what is reused. Configs and variants are found, not listed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from matxfer.cli import main
+from matxfer.config import VARIANTS, load_config, load_study_config
+from matxfer.data import local_data_file
+from matxfer.identity import claim_folder, fingerprint, study_settings
+from matxfer.preflight import download_reachable, matminer_url, preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(ROOT.glob("tune_configs/**/*.yaml"))
+
+
+def is_study(path: Path) -> bool:
+    """Study YAMLs have a `run:` template; the others are single-run configs (train)."""
+    return "run" in (yaml.safe_load(path.read_text()) or {})
+
+
+STUDIES = [p for p in SHIPPED if is_study(p)]
+RUNS = [p for p in SHIPPED if not is_study(p)]
+
+
+def expected_problems(path: Path, cpu: bool) -> list[str]:
+    """What this machine cannot offer the config: no CUDA, data neither here nor reachable."""
+    study = load_study_config(path)
+    problems = []
+    task = study.run.data.task
+    if local_data_file(task) is None and download_reachable(matminer_url(task)):
+        problems.append(f"data for {task} is not on this machine")
+    if study.scaling.use_gpu and not cpu and not torch.cuda.is_available():
+        problems.append("scaling.use_gpu is true but this machine has no CUDA device")
+    return problems
+
+
+def test_the_shipped_configs_are_found():
+    assert len(STUDIES) >= 10 and ROOT / "tune_configs/quickstart.yaml" in STUDIES
+    assert len(VARIANTS) >= 7
+
+
+@pytest.mark.parametrize("cpu", [False, True], ids=["as-shipped", "cpu"])
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_study_config_and_variant_passes_check(path, cpu, tmp_path, monkeypatch,
+                                                             capsys):
+    """`matxfer tune CONFIG --variant V --check` exits 0, or 2 naming exactly what this
+    machine lacks (CUDA for the GPU configs, data not available offline), never a crash;
+    nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    expected = expected_problems(path, cpu)
+    for variant in VARIANTS:
+        argv = ["tune", str(path), "--variant", variant, "--check"] + (["--cpu"] if cpu else [])
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert f"[{VARIANTS[variant].get('name', 'main')}]" in out
+        assert "fingerprint" in out and "folds" in out and "results" in out, out
+        if not expected:
+            assert code == 0 and out.rstrip().endswith("ok: the study can start"), err
+            continue
+        assert code == 2, out
+        (line,) = err.strip().splitlines()
+        problems = line.removeprefix("matxfer: error: ").split("; ")
+        assert len(problems) == len(expected), line
+        for needle in expected:
+            assert needle in line, line
+    assert list(tmp_path.iterdir()) == []  # --check writes nothing
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_run_config_loads(path):
+    cfg = load_config(path)
+    assert local_data_file(cfg.data.task) is not None
+
+
+def test_first_trial_off_does_not_apply_under_variants_that_search_nothing_off(capsys):
+    """The GPU configs ask for first_trial_off; under no-reg/llrd nothing can be off, and
+    the plan says the flag does not apply instead of refusing the study."""
+    path = ROOT / "tune_configs/matbench_jdft2d.yaml"
+    assert main(["tune", str(path), "--variant", "llrd", "--cpu", "--check"]) == 0
+    assert "first_trial_off does not apply" in capsys.readouterr().out
+    assert main(["tune", str(path), "--cpu", "--check"]) == 0
+    assert "first trial all off" in capsys.readouterr().out
+
+
+QUICK = ROOT / "tune_configs/quickstart.yaml"
+
+
+def settings_of(**overrides):
+    study = load_study_config(QUICK, overrides)
+    return study_settings(study, "d" * 64, "w" * 64)
+
+
+def test_fingerprint_ignores_where_and_how_fast_but_not_what():
+    base = fingerprint(settings_of())
+    neutral = {"output_dir": "/x", "storage_path": "/y", "max_concurrent_trials": 7,
+               "folds": [1, 2], "run.train.threads": 3, "tracking.uri": "http://h:5000",
+               "scaling.cpus_per_worker": 4}
+    assert fingerprint(settings_of(**neutral)) == base
+    for change in ({"num_samples": 5}, {"run.train.epochs": 3}, {"seed": 1},
+                   {"run.data.max_structures": 64}, {"search.bss.high": 0.5},
+                   {"scaling.num_workers": 2}, {"run.model.init": "random"}):
+        assert fingerprint(settings_of(**change)) != base, change
+    other_data = study_settings(load_study_config(QUICK), "e" * 64, "w" * 64)
+    assert fingerprint(other_data) != base
+
+
+def test_a_pinned_study_dir_holding_another_study_is_refused_naming_the_fields(tmp_path,
+                                                                               capsys):
+    pinned = {"study_dir": str(tmp_path / "mine"), "output_dir": str(tmp_path / "out"),
+              "storage_path": str(tmp_path / "ray")}
+    first = preflight(load_study_config(QUICK, pinned)).ident
+    claim_folder(first)
+    args = ["tune", str(QUICK), "--study-dir", pinned["study_dir"], "--output-dir",
+            pinned["output_dir"], "--storage-path", pinned["storage_path"]]
+    assert main([*args, "--check"]) == 0  # same settings: the folder is ours
+    capsys.readouterr()
+    assert main([*args, "--epochs", "3", "--num-samples", "2", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "run.train.epochs: 2 -> 3" in err and "num_samples: 4 -> 2" in err
+    assert len(err.strip().splitlines()) == 1
