@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: install
-	$(BIN)/matxfer tune tune_configs/quickstart.yaml
+	$(BIN)/matxfer tune tune_configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -4,7 +4,9 @@ benchmarks/README.md.
 
     .venv/bin/python benchmarks/collect_accuracy.py runs/accuracy matbench_jdft2d [RESULTS_ROOT]
 
-Reads <acc_dir>/studies/<task>/<variant>/fold<k>/result.json (what `matxfer tune` wrote), the
+Reads <acc_dir>/studies/<task>/<variant>/<fingerprint>/fold<k>/result.json (what `matxfer tune`
+wrote; the study with the most finished folds per variant, or the older layout without a
+fingerprint folder), the
 per-variant summary.json and matbench_results.json, and the campaign log (wall time per fold
 and phase, appended to the stamps already collected).
 """
@@ -26,8 +28,9 @@ COPIED = ("summary.json", "summary.csv", "matbench_results.json")
 def collect(acc_dir: Path, task: str, dest: Path) -> list[dict]:
     """Copy the small result files of every variant; return one row per (variant, fold)."""
     rows = []
-    for study in sorted((acc_dir / "studies" / task).iterdir()):
-        target = dest / study.name
+    for variant in sorted((acc_dir / "studies" / task).iterdir()):
+        study = study_of(variant)
+        target = dest / variant.name
         target.mkdir(parents=True, exist_ok=True)
         for name in COPIED:
             if (study / name).is_file():
@@ -46,6 +49,16 @@ def collect(acc_dir: Path, task: str, dest: Path) -> list[dict]:
         new = [line for line in log.read_text().splitlines() if line.startswith("[20")]
         kept.write_text("\n".join(dict.fromkeys(old + new)) + "\n")
     return rows
+
+
+def study_of(variant: Path) -> Path:
+    """The fingerprint folder with the most finished folds (the variant folder itself for
+    results written before fingerprints)."""
+    studies = [d for d in variant.iterdir() if (d / "study.json").is_file()]
+    if not studies:
+        return variant
+    return max(studies, key=lambda d: (len(list(d.glob("fold*/result.json"))),
+                                       d.stat().st_mtime))
 
 
 def _rank(variant: str) -> int:

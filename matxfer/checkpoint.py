@@ -29,7 +29,13 @@ from pydantic import ValidationError
 from matxfer import __version__
 from matxfer.config import DataConfig, ModelConfig, RunConfig, UserError, format_validation_error
 from matxfer.data import TaskSpec, get_task
-from matxfer.model import PropertyModel, TargetScaler, build_model, resolve_model_path
+from matxfer.model import (
+    PropertyModel,
+    TargetScaler,
+    build_model,
+    load_backbone,
+    resolve_model_path,
+)
 from matxfer.storage import (
     CorruptFile,
     UnsafeFile,
@@ -155,6 +161,20 @@ def build_backbone(arch: dict) -> torch.nn.Module:
     return backbone.to(dtype)
 
 
+def model_architecture(model: PropertyModel, cfg: ModelConfig) -> dict:
+    """The backbone's architecture; a compile-ready twin (mace.tools.compile) cannot describe
+    itself, so its source model is described instead (same state dict names and shapes)."""
+    try:
+        return architecture(model.backbone)
+    except (TypeError, AttributeError, ValueError):
+        return _source_architecture(cfg.source, cfg.init, cfg.init_seed, cfg.dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_architecture(source: str, init: str, seed: int, dtype: str) -> dict:
+    return architecture(load_backbone(source, init, seed, _torch_dtype(dtype)))
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
@@ -174,6 +194,16 @@ def foundation_record(cfg: ModelConfig) -> dict:
         sha = _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
     return {"init": cfg.init, "source": portable_source(cfg.source), "seed": cfg.init_seed,
             "sha256": sha}
+
+
+def check_foundation(payload: dict, cfg: ModelConfig) -> None:
+    """Refuse when the foundation weights here differ from those the checkpoint started from."""
+    recorded = (payload.get("foundation") or {}).get("sha256")
+    here = foundation_record(cfg)["sha256"]
+    if recorded and here != recorded:
+        raise UserError(f"the foundation weights for model.source {cfg.source!r} here (sha256 "
+                        f"{here[:12]}…) are not the ones the checkpoint started from "
+                        f"({recorded[:12]}…); set MATXFER_MODEL to that file")
 
 
 def portable_config(cfg: RunConfig) -> dict:
@@ -199,7 +229,7 @@ def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: 
         "task_spec": {"name": spec.name, "target": spec.target, "unit": spec.unit,
                       "kind": spec.kind, "metric": spec.metric},
         "config": portable_config(cfg), "foundation": foundation_record(cfg.model),
-        "backbone": architecture(model.backbone),
+        "backbone": model_architecture(model, cfg.model),
         "head": {"pooling": model.pooling, "hidden": head_hidden(model)},
         "z_table": [int(z) for z in z_table], "scaler": plain(scaler.state()),
         "model_state": state if state is not None else model.state_dict(),
@@ -309,10 +339,14 @@ def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
         raise UserError(f"{str(old_path)!r} is not an old matxfer checkpoint "
                         f"({type(err).__name__}: {str(err)[:200]})") from None
     model = build_model(cfg.model)  # needs the foundation weights (architecture, SHA-256)
-    model.load_state_dict(old["model_state"])
+    try:
+        model.load_state_dict(old["model_state"])
+        spec, scaler = get_task(old["task"]), TargetScaler.from_state(dict(old["scaler"]))
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise UserError(f"{str(old_path)!r}: its weights do not fit its config "
+                        f"({type(err).__name__})") from None
     z_table = old.get("z_table") or [int(z) for z in model.backbone.atomic_numbers]
-    payload = build_payload(model, cfg, get_task(old["task"]),
-                            TargetScaler.from_state(dict(old["scaler"])), z_table)
+    payload = build_payload(model, cfg, spec, scaler, z_table)
     payload["converted_from"] = {"matxfer_version": old.get("matxfer_version")}
     if "history" in old:
         payload["history"] = plain(old["history"])

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from matxfer.config import RunConfig, ScalingSettings
 from matxfer.model import build_model
 from matxfer.run import checkpoint_payload, prepare_fold
-from matxfer.storage import CorruptFile, load_checked, save_checked
+from matxfer.storage import CorruptFile, UnsafeFile, load_checked, plain, save_checked
 from matxfer.strategies import freeze_blocks
 from matxfer.train import TrainResult, fit
 
@@ -45,23 +45,24 @@ def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int):
             return
         with tempfile.TemporaryDirectory() as tmp:
             payload = checkpoint_payload(model, cfg, data, result.best_state)
-            payload["history"] = list(result.history)
+            payload["history"] = plain(list(result.history))
             save_checked(payload, Path(tmp) / CHECKPOINT_FILE)
-            save_checked(state(), Path(tmp) / RESUME_FILE)
+            save_checked(plain(state()), Path(tmp) / RESUME_FILE)  # weights-only loadable
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     return on_epoch
 
 
 def resume_state() -> dict | None:
     """The training state of this run's last checkpoint (after a worker failure), else None.
-    A damaged one is not trusted: the run starts over, which costs time but not correctness."""
+    A damaged one, or one holding pickled objects besides tensors and plain values, is not
+    trusted: the run starts over, which costs time but not correctness."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         try:
             return load_checked(Path(folder) / RESUME_FILE)
-        except (CorruptFile, FileNotFoundError) as err:
+        except (CorruptFile, UnsafeFile, FileNotFoundError) as err:
             warnings.warn(f"not resuming from {folder}: {err}", stacklevel=1)
             return None
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from matxfer.config import UserError
 from matxfer.storage import load_checked, save_checked, sidecar
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: targets stored as a tensor (weights-only loadable)
 _ARRAYS = ("n_atoms", "n_edges", "species", "positions", "edge_index", "shifts", "targets")
 
 
@@ -126,9 +126,12 @@ def default_cache_dir() -> Path:
 
 def save_graph_set(graphs: GraphSet, path: Path) -> None:
     """Write atomically with a checksum: a killed writer leaves no partial file under the
-    final name, and a later bit flip is caught on load."""
+    final name, and a later bit flip is caught on load. Tensors and plain values only (targets
+    as a float64 tensor), so the cache loads weights-only like every checked file."""
     payload = {name: getattr(graphs, name) for name in _ARRAYS}
-    payload.update(ids=graphs.ids, z_table=graphs.z_table, format=CACHE_FORMAT)
+    payload["targets"] = torch.as_tensor(np.asarray(graphs.targets, dtype=np.float64))
+    payload.update(ids=[str(i) for i in graphs.ids], z_table=[int(z) for z in graphs.z_table],
+                   format=CACHE_FORMAT)
     save_checked(payload, path)
 
 
@@ -138,8 +141,9 @@ def load_graph_set(path: Path) -> GraphSet:
     payload = load_checked(path, mmap=True)
     if payload.get("format") != CACHE_FORMAT:
         raise ValueError(f"graph cache {path} has format {payload.get('format')}")
-    return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]),
-                    **{name: payload[name] for name in _ARRAYS})
+    arrays = {name: payload[name] for name in _ARRAYS}
+    arrays["targets"] = arrays["targets"].numpy()
+    return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]), **arrays)
 
 
 def task_graphs(

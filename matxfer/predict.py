@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from matxfer.config import RunConfig, UserError
 from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
-from matxfer.model import PropertyModel, TargetScaler, build_model
-from matxfer.storage import CorruptFile, load_checked
+from matxfer.model import PropertyModel, TargetScaler
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = ["CHECKPOINT_FILE", "Predictor", "load_predictor", "predict_files"]
 
 
 @dataclass
@@ -32,23 +32,11 @@ class Predictor:
 
 
 def load_predictor(path: Path) -> Predictor:
-    """A fine-tuned PropertyModel from a matxfer checkpoint file (or a folder holding one)."""
-    path = path / CHECKPOINT_FILE if path.is_dir() else path
-    try:
-        payload = load_checked(path)
-        # the checkpoint holds e3nn weights whatever kernels trained it: predict on e3nn, so
-        # a checkpoint from a cuequivariance run needs no cuequivariance here
-        tree = {**payload["config"], "model": {**payload["config"]["model"], "kernels": "e3nn"}}
-        cfg = RunConfig.model_validate(tree)
-    except CorruptFile as err:
-        raise UserError(f"refusing {str(path)!r}: {str(err).removeprefix(str(path) + ' ')}") \
-            from None
-    except Exception as err:
-        raise UserError(f"{str(path)!r} is not a matxfer checkpoint ({err})") from None
-    model = build_model(cfg.model)
-    model.load_state_dict(payload["model_state"])
-    model.eval()
-    return Predictor(model, TargetScaler.from_state(payload["scaler"]), cfg, payload["task"])
+    """A fine-tuned PropertyModel from a matxfer checkpoint file (or a folder holding one):
+    loaded weights-only and rebuilt from its stored architecture, so neither the foundation
+    weights nor the training data are needed. Always on e3nn, whatever kernels trained it."""
+    model, scaler, cfg, payload = load_checkpoint(path)
+    return Predictor(model, scaler, cfg, payload["task"])
 
 
 def resolve_models(ref: str) -> list[Path]:

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from matxfer import __version__
+from matxfer.checkpoint import build_payload
 from matxfer.config import RunConfig, UserError
 from matxfer.data import fold_split, get_task
 from matxfer.elements import present_elements
@@ -121,10 +122,9 @@ def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_sco
 
 def checkpoint_payload(model: PropertyModel, cfg: RunConfig, data: FoldData,
                        state: dict | None = None) -> dict:
-    """What predict and analysis need: weights (`state`, default the model's), config, scaler."""
-    return {"model_state": state if state is not None else model.state_dict(),
-            "config": cfg.model_dump(), "scaler": data.scaler.state(), "task": data.spec.name,
-            "z_table": list(data.graphs.z_table), "matxfer_version": __version__}
+    """A self-contained checkpoint (matxfer.checkpoint): architecture, weights (`state`,
+    default the model's), scaler, task, portable config."""
+    return build_payload(model, cfg, data.spec, data.scaler, data.graphs.z_table, state)
 
 
 def write_outputs(out: Path, files: dict[str, object]) -> None:

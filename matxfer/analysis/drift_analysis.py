@@ -15,11 +15,11 @@ from matxfer.analysis.drift import (
 )
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
+from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
 from matxfer.config import UserError
 from matxfer.data import official_fold, subset_ids
 from matxfer.graphs import task_graphs
 from matxfer.model import PropertyModel, build_model
-from matxfer.predict import CHECKPOINT_FILE, load_predictor
 from matxfer.storage import SIDECAR
 from matxfer.strategies import block_of
 
@@ -71,11 +71,11 @@ def checkpoint_from_run(run_id: str, tracking_uri: str | None, into: Path) -> Pa
 def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64) -> dict:
     """Drift per module group, per-element drift over the task's elements, and per-layer CKA of
     pooled features before/after fine-tuning on (a seeded subset of) the fold's training set."""
-    tuned = load_predictor(checkpoint)
-    cfg = tuned.cfg
+    tuned, _, cfg, payload = load_checkpoint(checkpoint)  # weights-only, self-contained
     start = build_model(cfg.model)  # the same seeded start: pretrained (or random twin) + head
+    check_foundation(payload, cfg.model)  # drift against other weights would mean nothing
     names = [n for n, p in start.named_parameters() if p.requires_grad]
-    state, state0 = tuned.model.state_dict(), start.state_dict()
+    state, state0 = tuned.state_dict(), start.state_dict()
     bb = start.backbone
     graphs = task_graphs(cfg.data.task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                          next(bb.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir,
@@ -85,7 +85,7 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
     keep = subset_ids(train_ids, max_structures) or set(train_ids)
     rows = graphs.positions_of([i for i in train_ids if i in keep])
     before = pooled_features(start, graphs, rows, batch_size)
-    after = pooled_features(tuned.model, graphs, rows, batch_size)
+    after = pooled_features(tuned, graphs, rows, batch_size)
     groups = group_drift(state, state0, names)
     frozen = sorted({module_group(n) for n in names
                      if (block_of(n) is not None and block_of(n) < cfg.strategy.freeze_blocks)})
