@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from matxfer.config import VARIANTS, StudyInterrupted, UserError
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, kind) in TUNE_FLAGS.items():
         tune.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
     tune.add_argument("--cpu", action="store_true",
-                      help="gloo CPU workers even if the YAML asks for GPUs")
+                      help="gloo CPU workers even if the YAML asks for GPUs (locally at most "
+                      "this machine's cores per worker)")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     tune.add_argument("--check", action="store_true",
                       help="check everything that can be checked without training, print the "
@@ -148,13 +150,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from matxfer.config import load_study_config
     from matxfer.records import format_summary
-    from matxfer.tune import check_study, run_study
+    from matxfer.tune import attached_address, check_study, run_study
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds
     if args.cpu:
         overrides["scaling.use_gpu"] = False
     study = load_study_config(args.config, overrides, args.variant)
+    cores = float(os.cpu_count() or 1)
+    if args.cpu and not attached_address(args.address) and study.scaling.cpus_per_worker > cores:
+        study.scaling.cpus_per_worker = cores  # a GPU config's loader CPUs, fitted to this machine
     if args.check:
         print(check_study(study, address=args.address))
         return 0

@@ -7,6 +7,7 @@ them in one line; `run_study` calls the same function and refuses on the same pr
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from matxfer.run import check_free_space, check_writable
 from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
 
 MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
+LOCAL_CPUS = (os.cpu_count() or 1) + 1  # what tune.init_ray gives a local instance
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,18 @@ def check_model(plan: Plan) -> str:
 
 def check_devices(plan: Plan, attached: bool) -> None:
     s = plan.study.scaling
-    shape = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    shape = f"CPU {s.cpus_per_worker:g}" + (f", GPU {s.gpus_per_worker:g}" if s.use_gpu else "")
     backend = "NCCL" if s.use_gpu else "gloo"
-    plan.add("workers", f"{s.num_workers} per trial x {shape} ({backend}), "
+    plan.add("workers", f"{s.num_workers} per trial x {{{shape}}} ({backend}), "
              f"{plan.study.max_concurrent_trials} trial(s) at a time")
-    if s.use_gpu and not attached and not torch.cuda.is_available():
+    local_cpus = LOCAL_CPUS
+    no_cuda = s.use_gpu and not torch.cuda.is_available()  # reported below, once
+    if not attached and not no_cuda and s.num_workers * s.cpus_per_worker > local_cpus:
+        plan.problems.append(
+            f"one trial needs {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPUs but the "
+            f"local Ray instance has {local_cpus} (lower scaling.cpus_per_worker or "
+            "scaling.num_workers, or attach a cluster with --address)")
+    if no_cuda and not attached:
         plan.problems.append("scaling.use_gpu is true but this machine has no CUDA device "
                              "(pass --cpu for gloo CPU workers, or --address of a GPU cluster)")
 

@@ -25,7 +25,7 @@ from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
 from matxfer.model import PropertyModel, TargetScaler, build_model
-from matxfer.preflight import Plan, preflight
+from matxfer.preflight import LOCAL_CPUS, Plan, preflight
 from matxfer.records import summarize
 from matxfer.run import write_outputs
 from matxfer.storage import checked_files, load_checked
@@ -47,7 +47,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:  # "local": never attach to a stray cluster named in /tmp/ray
         # One logical CPU on top of the cores: each running trial's coordinator holds 0.01 CPU
         # and only waits on its workers, so N one-CPU workers still fit on N cores.
-        num_cpus = num_cpus or (os.cpu_count() or 1) + 1
+        num_cpus = num_cpus or LOCAL_CPUS
         with pinned_local_address():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
