@@ -74,6 +74,7 @@ def strings(tree):
             yield from strings(v)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_carries_what_prediction_needs_and_no_paths(trained):
     from matxfer.model import resolve_model_path
 
@@ -116,6 +117,7 @@ def test_the_architecture_config_round_trips_through_json(backbone):
         decode({"__class__": "Popen"})
 
 
+@pytest.mark.slow
 def test_the_rebuilt_model_predicts_like_the_original(trained, jdft2d_graphs):
     from matxfer.graphs import collate
 
@@ -141,6 +143,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 def test_predict_needs_neither_foundation_weights_nor_data(trained, nacl, tmp_path):
     """A checkpoint folder copied to a 'laptop': no foundation weights (env, ../shared, mace's
     cache), no Matbench data, a copy of the package with no ../shared beside it."""
@@ -219,6 +222,7 @@ def old_payload(folder: Path, cfg, history) -> dict:
             "history": history}
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_is_refused_with_how_to_convert_it(trained, nacl, tmp_path, capsys):
     from matxfer.cli import main
 
@@ -234,6 +238,7 @@ def test_an_old_checkpoint_is_refused_with_how_to_convert_it(trained, nacl, tmp_
         assert err.count("\n") == 1 and needle in err and "matxfer checkpoint convert" in err
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_converts_to_the_current_format(trained, nacl, tmp_path):
     from matxfer.predict import predict_files
 

@@ -4,6 +4,7 @@ unauthenticated submission refused, and every process stopped by its process gro
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
             env=client_env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "SUCCEEDED" in job.stdout
+        job_id = re.search(r"^job: (\S+)$", job.stdout, re.M).group(1)
+        status = subprocess.run(["bash", str(ROOT / "cluster" / "submit.sh"), "status", job_id],
+                                env=client_env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and "SUCCEEDED" in status.stdout + status.stderr
         token = (state / "token").read_text().strip()
         assert token not in job.stdout + job.stderr  # the token is never logged
 

@@ -65,6 +65,8 @@ def test_cueq_cannot_be_combined_with_element_restriction():
 
 def test_a_checkpoint_trained_on_cueq_predicts_on_e3nn(pair, tmp_path):
     """Checkpoints hold e3nn weights: predict needs no conversion (nor cuequivariance)."""
+    from matxfer.checkpoint import build_payload
+    from matxfer.data import get_task
     from matxfer.model import TargetScaler
     from matxfer.predict import load_predictor
     from matxfer.storage import save_checked
@@ -72,10 +74,11 @@ def test_a_checkpoint_trained_on_cueq_predicts_on_e3nn(pair, tmp_path):
     _, cueq = pair
     cfg = load_config(overrides={"model.kernels": "cueq", "model.head_hidden": [32],
                                  "model.dtype": "float64"})
-    save_checked({"model_state": cueq.state_dict(), "config": cfg.model_dump(),
-                  "scaler": TargetScaler(torch.arange(4.0).numpy(), log=False).state(),
-                  "task": "matbench_jdft2d"}, tmp_path / "checkpoint.pt")
+    scaler = TargetScaler(torch.arange(4.0).numpy(), log=False)
+    save_checked(build_payload(cueq, cfg, get_task("matbench_jdft2d"), scaler,
+                               cueq.backbone.atomic_numbers.tolist()), tmp_path / "checkpoint.pt")
     predictor = load_predictor(tmp_path)
     assert predictor.model.fast_path is None and predictor.cfg.model.kernels == "e3nn"
-    for a, b in zip(predictor.model.state_dict().values(), cueq.state_dict().values()):
-        assert torch.equal(a, b)
+    state = predictor.model.state_dict()
+    for name, value in cueq.state_dict().items():
+        assert torch.equal(state[name], value), name
