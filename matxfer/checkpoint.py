@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,9 @@ def build_backbone(arch: dict) -> torch.nn.Module:
     dtype = _torch_dtype(arch["dtype"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    try:
-        with torch.random.fork_rng():
+    try:  # quietly: mace and TorchScript warn on stderr while building (predict prints CSV)
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             backbone = cls(**config)
     finally:
         torch.set_default_dtype(previous)

@@ -162,7 +162,8 @@ def describe_search(plan: Plan) -> None:
         parts.append("first trial all off" if space.first_point()
                      else "first_trial_off does not apply (no range can be off)")
     plan.add("search", "; ".join(parts))
-    asha = (f"ASHA (grace {study.asha.grace_period} epochs, reduction "
+    grace = min(study.asha.grace_period, study.run.train.epochs)
+    asha = (f"ASHA (grace {grace} epochs, reduction "
             f"{study.asha.reduction_factor:g})" if study.asha.enabled and study.num_samples > 1
             else "no early stopping of trials")
     plan.add("trials", f"{study.num_samples} per fold, {asha}")

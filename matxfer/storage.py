@@ -104,14 +104,15 @@ def load_checked(path: str | Path, **kwargs: Any) -> Any:
 
 
 def _weights_only_refusal(message: str) -> str | None:
-    """The reason torch's weights-only unpickler gave, or None for another unpickling error."""
+    """The object torch's weights-only unpickler refused, or None when it failed on damaged or
+    non-pickle bytes (an unsupported opcode, a cut string, ...)."""
     if "Weights only load failed" not in message:
         return None
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    found = re.search(r"GLOBAL (\S+?)(?: was not| whose)", message)
     if found:
         return f"global {found.group(1)}"
-    found = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
-    return (found.group(1).split(". ")[0] if found else "unsupported content")[:200]
+    found = re.search(r"(Can only (?:create new object|build)[^\n]*?but got [^\n]*)", message)
+    return found.group(1)[:200] if found else None
 
 
 def plain(obj: Any) -> Any:

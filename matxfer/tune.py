@@ -234,7 +234,10 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str,
 
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="best_val", mode=mode,
                                   max_t=study.run.train.epochs,
-                                  grace_period=study.asha.grace_period,
+                                  # a budget cut below the grace period (a smoke run) just
+                                  # stops no trial early
+                                  grace_period=min(study.asha.grace_period,
+                                                   study.run.train.epochs),
                                   reduction_factor=study.asha.reduction_factor)
     return tune.Tuner(
         trainable, param_space=param_space,
