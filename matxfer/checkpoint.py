@@ -1,18 +1,11 @@
 """Self-contained checkpoints that load without the foundation weights and without running code.
 
-A checkpoint (format 2) is a dict of tensors and JSON-able values, written by
-`storage.save_checked` and read with `torch.load(weights_only=True)`:
-
-- `format_version`, `matxfer_version`; `task` (name) and `task_spec` (target, unit, kind, metric)
-- `backbone`: MACE class name, dtype and architecture (mace's `extract_config_mace_model`,
-  Irreps/classes/functions/arrays encoded as plain values); `head`: pooling and hidden sizes
-- `model_state`: every tensor of the PropertyModel; `z_table`; `scaler`
-- `foundation`: init, source ('small' or a file name), seed and the SHA-256 of the foundation
-  weights it started from (None for init=random)
-- `config`: the RunConfig without machine-specific paths (data_dir, cache_dir dropped)
-
-Older files (no `format_version`) are refused with the command that converts them once:
-`convert_checkpoint` unpickles a *trusted* old file and needs the foundation weights.
+Format 2, a dict of tensors and JSON-able values (`storage.save_checked`; read weights-only):
+`format_version`, `matxfer_version`, `task` and `task_spec`; `backbone` (MACE class, dtype and
+mace's `extract_config_mace_model`, encoded), `head` (pooling, hidden sizes), `model_state`,
+`z_table`, `scaler`; `foundation` (init, source, seed, SHA-256 of the starting weights: None for
+init=random); `config` (the RunConfig without machine paths). Older files have no
+`format_version`: they are refused with the command that converts a trusted one once.
 """
 
 from __future__ import annotations
@@ -319,10 +312,12 @@ def load_checkpoint(path: str | Path, local: DataConfig | None = None,
 
 
 def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
-    """Rewrite an old-format checkpoint (trusted: it is unpickled) in the current format. The
-    foundation weights must be present: they give the architecture and its SHA-256."""
+    """Rewrite an old-format checkpoint (trusted: it is unpickled) in the current format, as
+    `new_path` (a .pt file, else a folder getting checkpoint.pt). The foundation weights must
+    be present: they give the architecture and its SHA-256."""
     old_path, new_path = checkpoint_file(old_path), Path(new_path)
-    new_path = new_path / CHECKPOINT_FILE if new_path.is_dir() else new_path
+    if new_path.is_dir() or new_path.suffix != ".pt":  # a folder, as `matxfer train` writes
+        new_path = new_path / CHECKPOINT_FILE
     if not old_path.is_file():
         raise UserError(f"{str(old_path)!r} does not exist")
     try:

@@ -319,6 +319,9 @@ class StudyConfig(_Strict):
         None, description="pin this study's result folder (instead of the fingerprint "
         "folder under output_dir); a study with other settings there is refused")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    scheduling_timeout_s: float = Field(
+        300.0, ge=30.0, description="stop with the reason (exit 2) when no trial's workers "
+        "could be placed and no result arrived for this long, seconds")
 
     @model_validator(mode="after")
     def _valid_folds(self) -> StudyConfig:

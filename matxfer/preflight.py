@@ -21,10 +21,16 @@ from matxfer.data import get_task, local_data_file
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
 from matxfer.model import resolve_model_path
 from matxfer.run import check_free_space, check_writable
+from matxfer.scheduling import (
+    describe_nodes,
+    durable_location_problems,
+    fits,
+    per_worker_resources,
+)
 from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
 
 MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
-LOCAL_CPUS = (os.cpu_count() or 1) + 1  # what tune.init_ray gives a local instance
+LOCAL_CPUS = os.cpu_count() or 1  # what tune.init_ray gives a local instance
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,15 @@ def check_model(plan: Plan) -> str:
     return facts.sha256
 
 
+def check_cluster(plan: Plan, nodes: list[dict]) -> None:
+    """Attached to a cluster: can one trial's workers ever be placed on its nodes?"""
+    s = plan.study.scaling
+    verdict = fits(per_worker_resources(s.cpus_per_worker, s.use_gpu), s.num_workers, nodes)
+    plan.add("cluster", describe_nodes(nodes))
+    if verdict is not True:
+        plan.problems.append(f"{verdict}; nodes offer: {describe_nodes(nodes)}")
+
+
 def check_devices(plan: Plan, attached: bool) -> None:
     s = plan.study.scaling
     shape = f"CPU {s.cpus_per_worker:g}" + (f", GPU {s.gpus_per_worker:g}" if s.use_gpu else "")
@@ -222,8 +237,9 @@ def check_tracking(plan: Plan) -> None:
     plan.add("tracking", f"{uri}, experiment {tracking.experiment or plan.study.run.data.task}")
 
 
-def preflight(study: StudyConfig, attached: bool = False) -> Plan:
-    """Check everything a study needs before training; the plan lists what would run."""
+def preflight(study: StudyConfig, nodes: list[dict] | None = None) -> Plan:
+    """Check everything a study needs before training; the plan lists what would run.
+    `nodes`: the attached cluster's nodes (scheduling.cluster_nodes), None for a local run."""
     plan = Plan(study)
     plan.lines.append(f"study {study.run.data.task} [{study.name}]")
     data_sha = check_data(plan)
@@ -231,7 +247,11 @@ def preflight(study: StudyConfig, attached: bool = False) -> Plan:
     plan.ident = identify(study, data_sha, weights_sha)
     plan.lines[0] += f"  fingerprint {plan.ident.fingerprint}"
     describe_search(plan)
-    check_devices(plan, attached)
+    check_devices(plan, attached=nodes is not None)
+    if nodes is not None:
+        check_cluster(plan, nodes)
     check_outputs(plan)
     check_tracking(plan)
+    plan.problems += durable_location_problems(study.study_dir or study.output_dir,
+                                               study.storage_path, study.tracking.uri)
     return plan

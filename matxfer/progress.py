@@ -18,10 +18,10 @@ from ray import tune
 
 
 def format_value(value: object) -> str:
-    """A searched value in 2-3 significant digits: 3.1e-03, 0.5, 12, max."""
+    """A searched value in 2-3 significant digits: 3.1e-03, 2.9e-02, 0.5, 12, max."""
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
-    if value == 0 or 1e-2 <= abs(value) < 1e3:
+    if value == 0 or 0.1 <= abs(value) < 1e3:
         return f"{value:.3g}"
     return f"{value:.1e}"
 
@@ -82,7 +82,8 @@ class StudyProgress(tune.Callback):
     Trials are numbered in creation order out of the study's total (Tune's total_num_samples
     when known, else `n_trials`). `epochs` (the run's budget) tells a trial stopped by the
     scheduler from one that ran out; results carry best_val and best_epoch. The status line
-    comes at most every `interval_s` seconds, never before `interval_s` have passed."""
+    comes at most every `interval_s` seconds, never before `interval_s` have passed, and
+    when nothing changed (counts, best) only every 4 intervals."""
 
     def __init__(self, fold: int, metric_name: str, mode: str, n_trials: int | None = None,
                  epochs: int | None = None, interval_s: float = 15.0,
@@ -94,6 +95,7 @@ class StudyProgress(tune.Callback):
         self.outcomes: dict[str, str] = {}  # trial_id -> done | stopped | failed
         self._stopped_at: dict[str, int] = {}  # trial_id -> epoch of a scheduler STOP
         self._start = self._last_status = None
+        self._last_state = ""
 
     def __getstate__(self) -> dict:  # Tune pickles its run config; a stream does not pickle
         return {**self.__dict__, "stream": None, "_start": None, "_last_status": None}
@@ -154,8 +156,12 @@ class StudyProgress(tune.Callback):
             return
         if all(t.status in ("TERMINATED", "ERROR") for t in trials):
             return
-        self._last_status = now
-        self._print(self.status_line(trials, now - self._start))
+        line = self.status_line(trials, now - self._start)
+        state = line.split(": ", 1)[1]  # the line without its clock
+        if state == self._last_state and now - self._last_status < 4 * self.interval_s:
+            return  # nothing new: a heartbeat every 4 intervals is enough
+        self._last_status, self._last_state = now, state
+        self._print(line)
 
     def status_line(self, trials: list, elapsed_s: float) -> str:
         """`fold 0 [1m15s]: 2 running, 1 finished, 0 stopped, 0 failed; best val_mae ...`."""

@@ -82,25 +82,40 @@ def cluster_nodes() -> list[dict]:
         free = ray._private.state.available_resources_per_node()
     except Exception:  # a private helper: the message just loses the free amounts
         free = {}
-    nodes = [{"name": n["NodeManagerAddress"] + (" (head)" if HEAD_RESOURCE in n["Resources"]
-                                                 else ""),
-              "resources": dict(n["Resources"]), "free": free.get(n["NodeID"])}
-             for n in ray.nodes() if n.get("Alive")]
-    return nodes + autoscaled_node_types()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    addresses = [n["NodeManagerAddress"] for n in alive]
+    nodes = []
+    for n in alive:
+        name = n["NodeManagerAddress"]
+        if addresses.count(name) > 1:  # several nodes on one host: tell them apart
+            name += f" [{n['NodeID'][:6]}]"
+        if HEAD_RESOURCE in n["Resources"]:
+            name += " (head)"
+        nodes.append({"name": name, "resources": dict(n["Resources"]),
+                      "free": free.get(n["NodeID"])})
+    return nodes + autoscaled_node_types(nodes)
 
 
-def autoscaled_node_types() -> list[dict]:
-    """Node types an autoscaler may still add (from the cluster config it published)."""
+def autoscaled_node_types(live: list[dict]) -> list[dict]:
+    """Nodes an autoscaler may still add, per node type of the cluster config it published:
+    its max count less the live nodes of the same resources (a private Ray helper: none when
+    it is missing or the cluster does not autoscale)."""
     import ray
 
     try:
-        config = ray._private.state.state.get_cluster_config()
+        groups = list(ray._private.state.state.get_cluster_config().node_group_configs)
     except Exception:
         return []
-    groups = getattr(config, "node_group_configs", None) or []
-    return [{"name": f"{g.name} (autoscaled, up to {g.max_count if g.max_count >= 0 else 'any'})",
-             "resources": dict(g.resources), "count": g.max_count if g.max_count >= 0 else 10**6}
-            for g in groups if g.max_count != 0]
+    extra = []
+    for g in groups:
+        wanted = dict(g.resources)
+        same = sum(all(n["resources"].get(k, 0.0) == v for k, v in wanted.items()) for n in live)
+        more = 10**6 if g.max_count < 0 else g.max_count - same
+        if more > 0:
+            up_to = "any number" if g.max_count < 0 else f"up to {more}"
+            extra.append({"name": f"{g.name} (autoscaled, {up_to} more)",
+                          "resources": wanted, "count": more})
+    return extra
 
 
 def describe_nodes(nodes: list[dict], keys: tuple[str, ...] = ("CPU", "GPU")) -> str:
@@ -125,8 +140,9 @@ def stall_message(per_worker: dict, num_workers: int, nodes: list[dict], waited_
     verdict = fits(per_worker, num_workers, nodes)
     why = ("it fits the nodes' totals, so other work (or placement groups leaked by an "
            "earlier run) holds the resources" if verdict is True else verdict)
-    return (f"no trial could start for {waited_s:.0f} s: each trial needs {num_workers} "
-            f"worker(s) x {shape(per_worker)} + a coordinator {{{HEAD_RESOURCE}: 0.001}}; "
+    workers = f"{num_workers} worker{'s' if num_workers != 1 else ''}"
+    return (f"no trial could start for {waited_s:.0f} s: each trial needs {workers} x "
+            f"{shape(per_worker)} (+ a CPU-less coordinator on the head node); "
             f"nodes offer: {describe_nodes(nodes, keys)}; {why}")
 
 
@@ -149,20 +165,6 @@ def workers_placed(per_worker: dict) -> bool:
     return any(pg["state"] == "CREATED" and pg["bundles"]
                and all(covers(b) for b in pg["bundles"].values())
                for pg in job_placement_groups())
-
-
-def release_placement_groups() -> int:
-    """Remove this job's leftover placement groups; call only when none of its trials runs.
-    Ray Train registers a worker group for cleanup only once it is placed, so a group still
-    pending when its trial is stopped outlives the driver and later takes the resources."""
-    import ray
-    from ray.util.placement_group import PlacementGroup
-
-    leftovers = job_placement_groups()
-    for pg in leftovers:
-        ray.util.remove_placement_group(
-            PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg["placement_group_id"]))))
-    return len(leftovers)
 
 
 class StudyStalled(RuntimeError):

@@ -24,13 +24,20 @@ from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.graphs import task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
-from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.preflight import LOCAL_CPUS, Plan, preflight
+from matxfer.progress import StudyProgress, quiet_ray_output
 from matxfer.records import summarize
 from matxfer.run import write_outputs
-from matxfer.storage import checked_files, load_checked
+from matxfer.scheduling import (
+    SchedulingWatchdog,
+    StudyStalled,
+    cluster_nodes,
+    coordinator_resources,
+    per_worker_resources,
+)
+from matxfer.selection import error_line, evaluate_best
+from matxfer.storage import checked_files
 from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
-from matxfer.train import loader_options, predict, score
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -45,9 +52,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # "local": never attach to a stray cluster named in /tmp/ray
-        # One logical CPU on top of the cores: each running trial's coordinator holds 0.01 CPU
-        # and only waits on its workers, so N one-CPU workers still fit on N cores.
-        num_cpus = num_cpus or LOCAL_CPUS
+        num_cpus = num_cpus or LOCAL_CPUS  # coordinators take none (scheduling.py)
         with pinned_local_address():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
@@ -219,7 +224,7 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str,
     trainable = tune.with_resources(
         tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold,
                              run_name=run_name),
-        {"cpu": 0.01})
+        coordinator_resources())  # on the head node, no CPU: worker nodes stay whole
     path = os.path.join(storage_uri(study), run_name)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -270,85 +275,6 @@ def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict |
     return search_alg, None, study.num_samples
 
 
-def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
-    """The trial's last reported checkpoint: workers save one only when validation improves,
-    so it holds the trial's best weights. Train V2 passes its path to Tune as a metric."""
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-
-    history = result.metrics_dataframe
-    if history is None or CHECKPOINT_PATH_KEY not in history:
-        return None
-    paths = history[CHECKPOINT_PATH_KEY].dropna()
-    return ray.train.Checkpoint(paths.iloc[-1]) if len(paths) else None
-
-
-def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
-    """Rebuild a fine-tuned PropertyModel from a matxfer checkpoint file."""
-    payload = load_checked(path)
-    cfg = RunConfig.model_validate(payload["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(payload["model_state"])
-    return model, TargetScaler.from_state(payload["scaler"]), cfg, payload
-
-
-def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
-                  results: tune.ResultGrid) -> dict:
-    """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
-    from matxfer.run import prepare_fold
-
-    spec = get_task(study.run.data.task)
-    mode = "max" if spec.kind == "classification" else "min"
-    best = results.get_best_result("best_val", mode, scope="last", filter_nan_and_inf=True)
-    ckpt = best_checkpoint_file(best) if best is not None else None
-    if ckpt is None:
-        raise RuntimeError(f"{ident.run_name(fold)}: no trial finished with a checkpoint")
-    with ckpt.as_directory() as folder:
-        model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
-        data = prepare_fold(cfg, model, progress=False)
-        data.scaler = scaler
-        y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))
-        record = {
-            "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
-            "fingerprint": ident.fingerprint,
-            "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
-            "pooling": cfg.model.pooling,
-            "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
-            **cfg.strategy.model_dump(),
-            "best_epoch": int(best.metrics["best_epoch"]),
-            f"val_{spec.metric}": float(best.metrics["best_val"]),
-            f"test_{spec.metric}": score(spec, y, p),
-            "max_structures": cfg.data.max_structures,
-            "n_trials": len(results), "n_train": len(data.split.train),
-            "n_val": len(data.split.val), "n_test": len(data.split.test),
-        }
-        files = {"result.json": record, "checkpoint.pt": payload,
-                 "predictions.csv": pd.DataFrame({"mbid": data.split.test, "target": y,
-                                                  "prediction": p}),
-                 "trials.csv": trials_table(results)}
-    return {"record": record, "files": files, "predictions": p}
-
-
-def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial that reported; failed trials carry their reason in `error`."""
-    df = results.get_dataframe()
-    keep = [c for c in df.columns if c.startswith("config/") or c in (
-        "trial_id", "best_val", "best_epoch", "epoch", "training_iteration", "train_loss")]
-    df = df[keep].assign(error="")
-    failed = pd.DataFrame([{"trial_id": r.metrics.get("trial_id") or Path(r.path).name,
-                            "error": error_line(r.error)} for r in results if r.error])
-    if len(failed):
-        df = pd.concat([df[~df["trial_id"].isin(failed["trial_id"])], failed],
-                       ignore_index=True)
-    return df
-
-
-def error_line(err: BaseException) -> str:
-    """The root cause of a failed trial in one line (Ray wraps it in several layers)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    causes = [ln for ln in lines if "Error:" in ln and not ln.startswith("File ")]
-    return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
-
-
 def build_graph_cache(study: StudyConfig, plan: Plan) -> None:
     """Build the task's graph cache once in the driver; trials only read it."""
     task_graphs(study.run.data.task, list(plan.model.atomic_numbers), plan.model.r_max,
@@ -370,8 +296,7 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) 
     name = ident.run_name(fold)
     parent_id = open_parent_run(tracker, study, fold, name, ident.fingerprint) \
         if tracker else None
-    callbacks = [TrialLogger(tracker, parent_id, study, fold, name)] if tracker else []
-    results = make_tuner(study, fold, name, callbacks).fit()
+    results = fit_fold(study, fold, name, parent_id, tracker)
     finished = results.num_terminated + results.num_errors
     if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
         raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "
@@ -388,13 +313,41 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) 
     return outcome["record"]
 
 
+def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
+             tracker) -> tune.ResultGrid:
+    """Run (or resume) one fold's Tuner with progress lines, the scheduling watchdog and,
+    when tracking, live MLflow logging; Ray's own chatter is dropped while it runs."""
+    spec = get_task(study.run.data.task)
+    mode = "max" if spec.kind == "classification" else "min"
+    s = study.scaling
+    callbacks = [StudyProgress(fold, f"val_{spec.metric}", mode, study.num_samples,
+                               epochs=study.run.train.epochs),
+                 SchedulingWatchdog(per_worker_resources(s.cpus_per_worker, s.use_gpu),
+                                    s.num_workers, timeout_s=study.scheduling_timeout_s)]
+    if tracker:
+        callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
+    try:
+        with quiet_ray_output():  # around building too: Optuna logs at construction
+            return make_tuner(study, fold, name, callbacks).fit()
+    except StudyStalled as err:
+        raise UserError(f"fold {fold}: {err}") from None
+
+
 def attached_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def attached_nodes(address: str | None) -> list[dict] | None:
+    """Attach to the cluster (when one is named) and list its nodes; None for a local run."""
+    if attached_address(address) is None:
+        return None
+    init_ray(address)
+    return cluster_nodes()
+
+
 def check_study(study: StudyConfig, address: str | None = None) -> str:
     """`tune --check`: the plan, printed; UserError (exit 2) naming every problem found."""
-    plan = preflight(study, attached=attached_address(address) is not None)
+    plan = preflight(study, attached_nodes(address))
     print("\n".join(plan.lines))
     plan.raise_problems()
     return "ok: the study can start"
@@ -402,7 +355,7 @@ def check_study(study: StudyConfig, address: str | None = None) -> str:
 
 def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     """All requested folds of one task, then the per-task summary."""
-    plan = preflight(study, attached=attached_address(address) is not None)
+    plan = preflight(study, attached_nodes(address))
     print("\n".join(plan.lines), flush=True)
     plan.raise_problems()
     tracker = make_tracker(study)  # an unreachable server fails here, before any training

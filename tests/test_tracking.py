@@ -130,7 +130,7 @@ def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tm
         assert {"learning_curve.png", "history.csv", "best_checkpoint"} <= names
     ckpt_dir = client.download_artifacts(children[0].info.run_id, "best_checkpoint",
                                          str(tmp_path / "dl"))
-    payload = torch.load(Path(ckpt_dir) / "checkpoint.pt", weights_only=False)
+    payload = torch.load(Path(ckpt_dir) / "checkpoint.pt", weights_only=True)
     assert payload["task"] == "matbench_jdft2d" and "model_state" in payload
     assert client.get_registered_model("matxfer-matbench_jdft2d").aliases == {"fold0": "1"}
 

@@ -1,0 +1,98 @@
+"""Model selection of one fold's study: the best trial by validation, its best checkpoint
+evaluated once on the test fold (no refit: early stopping would lose its validation data,
+and the checkpoint is exactly the model the search selected), and the trials table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+
+from matxfer.config import RunConfig, StudyConfig
+from matxfer.data import get_task
+from matxfer.distributed import CHECKPOINT_FILE
+from matxfer.identity import StudyIdentity
+from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.storage import load_checked
+from matxfer.train import loader_options, predict, score
+
+
+def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
+    """The trial's last reported checkpoint: workers save one only when validation improves,
+    so it holds the trial's best weights. Train V2 passes its path to Tune as a metric."""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    history = result.metrics_dataframe
+    if history is None or CHECKPOINT_PATH_KEY not in history:
+        return None
+    paths = history[CHECKPOINT_PATH_KEY].dropna()
+    return ray.train.Checkpoint(paths.iloc[-1]) if len(paths) else None
+
+
+def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
+    """Rebuild a fine-tuned PropertyModel from a matxfer checkpoint file."""
+    payload = load_checked(path)
+    cfg = RunConfig.model_validate(payload["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(payload["model_state"])
+    return model, TargetScaler.from_state(payload["scaler"]), cfg, payload
+
+
+def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
+                  results: tune.ResultGrid) -> dict:
+    """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
+    from matxfer.run import prepare_fold
+
+    spec = get_task(study.run.data.task)
+    mode = "max" if spec.kind == "classification" else "min"
+    best = results.get_best_result("best_val", mode, scope="last", filter_nan_and_inf=True)
+    ckpt = best_checkpoint_file(best) if best is not None else None
+    if ckpt is None:
+        raise RuntimeError(f"{ident.run_name(fold)}: no trial finished with a checkpoint")
+    with ckpt.as_directory() as folder:
+        model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
+        data = prepare_fold(cfg, model, progress=False)
+        data.scaler = scaler
+        y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))
+        record = {
+            "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
+            "fingerprint": ident.fingerprint,
+            "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
+            "pooling": cfg.model.pooling,
+            "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
+            **cfg.strategy.model_dump(),
+            "best_epoch": int(best.metrics["best_epoch"]),
+            f"val_{spec.metric}": float(best.metrics["best_val"]),
+            f"test_{spec.metric}": score(spec, y, p),
+            "max_structures": cfg.data.max_structures,
+            "n_trials": len(results), "n_train": len(data.split.train),
+            "n_val": len(data.split.val), "n_test": len(data.split.test),
+        }
+        files = {"result.json": record, "checkpoint.pt": payload,
+                 "predictions.csv": pd.DataFrame({"mbid": data.split.test, "target": y,
+                                                  "prediction": p}),
+                 "trials.csv": trials_table(results)}
+    return {"record": record, "files": files, "predictions": p}
+
+
+def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial that reported; failed trials carry their reason in `error`."""
+    df = results.get_dataframe()
+    keep = [c for c in df.columns if c.startswith("config/") or c in (
+        "trial_id", "best_val", "best_epoch", "epoch", "training_iteration", "train_loss")]
+    df = df[keep].assign(error="")
+    failed = pd.DataFrame([{"trial_id": r.metrics.get("trial_id") or Path(r.path).name,
+                            "error": error_line(r.error)} for r in results if r.error])
+    if len(failed):
+        df = pd.concat([df[~df["trial_id"].isin(failed["trial_id"])], failed],
+                       ignore_index=True)
+    return df
+
+
+def error_line(err: BaseException) -> str:
+    """The root cause of a failed trial in one line (Ray wraps it in several layers)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if "Error:" in ln and not ln.startswith("File ")]
+    return (causes[-1] if causes else (lines[-1] if lines else type(err).__name__))[:300]
