@@ -7,10 +7,11 @@
 #
 # Environment: STATE_DIR (/tmp/matxfer-cluster: pids, logs, the token file, Ray's temp dir;
 # keep it short: Ray's socket paths under it must stay below 108 bytes),
-# PORT_BASE (26000), HEAD_CPUS (2), WORKER_CPUS (2), RAY (ray executable, .venv/bin/ray).
+# PORT_BASE (26000), HEAD_CPUS (1), WORKER_CPUS (1), RAY (ray executable, .venv/bin/ray).
 # The token comes from RAY_AUTH_TOKEN or is generated into $STATE_DIR/token (mode 600); it is
-# never printed. Each node advertises one logical CPU more than its trial workers use: every
-# running trial's coordinator holds 0.01 CPU (as the local mode does). Clients use: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE_DIR/token.
+# never printed. One CPU per node: trial coordinators take no CPU (they sit on the head's own
+# resource), so two one-CPU trials run at once, one per node. Clients use:
+# RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE_DIR/token.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE_DIR=${STATE_DIR:-/tmp/matxfer-cluster}
@@ -54,7 +55,7 @@ case "${1:-}" in
     fi
     export RAY_AUTH_MODE=token
     [ -n "${RAY_AUTH_TOKEN:-}" ] || export RAY_AUTH_TOKEN_PATH=$STATE_DIR/token
-    start_node head --head --port "$P" --num-cpus "${HEAD_CPUS:-2}" \
+    start_node head --head --port "$P" --num-cpus "${HEAD_CPUS:-1}" \
       --temp-dir "$STATE_DIR/ray" --dashboard-host 127.0.0.1 --dashboard-port $((P + 1)) \
       --ray-client-server-port $((P + 2)) --node-manager-port $((P + 3)) \
       --object-manager-port $((P + 4)) --dashboard-agent-listen-port $((P + 5)) \
@@ -63,7 +64,7 @@ case "${1:-}" in
       --max-worker-port $((P + 199)) --resources '{"node_head": 1}'
     wait_nodes 1
     # its own temp dir: nodes sharing one would garbage-collect each other's job files
-    start_node worker --address "127.0.0.1:$P" --num-cpus "${WORKER_CPUS:-2}" \
+    start_node worker --address "127.0.0.1:$P" --num-cpus "${WORKER_CPUS:-1}" \
       --temp-dir "$STATE_DIR/ray-w" --node-manager-port $((P + 13)) \
       --object-manager-port $((P + 14)) --dashboard-agent-listen-port $((P + 15)) \
       --dashboard-agent-grpc-port $((P + 16)) --runtime-env-agent-port $((P + 17)) \
