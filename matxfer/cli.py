@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("--fold", type=int)
     folds.add_argument("--json", action="store_true", help="print the fold ids as JSON")
     data_sub.add_parser("tasks", help="list the Matbench structure tasks")
+    ckpt = sub.add_parser("checkpoint", help="matxfer checkpoint files")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
+    convert = ckpt_sub.add_parser("convert", help="rewrite an old-format checkpoint in the "
+                                  "current, safely loadable format (unpickles OLD: only files "
+                                  "you trust; needs the foundation weights)")
+    convert.add_argument("old", help="old checkpoint file or run folder")
+    convert.add_argument("new", help="new .pt file, or a folder (gets checkpoint.pt)")
     return parser
 
 
@@ -187,6 +194,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from matxfer.checkpoint import convert_checkpoint
+
+    print(f"wrote {convert_checkpoint(args.old, args.new)}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from matxfer.data import N_FOLDS, TASKS, get_task, official_fold
 
@@ -214,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "tune": cmd_tune, "predict": cmd_predict,
-                "analyze": cmd_analyze, "report": cmd_report, "data": cmd_data}[args.command](args)
+                "analyze": cmd_analyze, "report": cmd_report, "data": cmd_data,
+                "checkpoint": cmd_checkpoint}[args.command](args)
     except UserError as err:
         print(f"matxfer: error: {err}", file=sys.stderr)
         return 2

@@ -10,12 +10,11 @@ import pandas as pd
 import ray
 from ray import tune
 
-from matxfer.config import RunConfig, StudyConfig
+from matxfer.checkpoint import load_checkpoint
+from matxfer.config import StudyConfig
 from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.identity import StudyIdentity
-from matxfer.model import PropertyModel, TargetScaler, build_model
-from matxfer.storage import load_checked
 from matxfer.train import loader_options, predict, score
 
 
@@ -31,15 +30,6 @@ def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint(paths.iloc[-1]) if len(paths) else None
 
 
-def load_checkpoint_model(path: Path) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
-    """Rebuild a fine-tuned PropertyModel from a matxfer checkpoint file."""
-    payload = load_checked(path)
-    cfg = RunConfig.model_validate(payload["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(payload["model_state"])
-    return model, TargetScaler.from_state(payload["scaler"]), cfg, payload
-
-
 def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
                   results: tune.ResultGrid) -> dict:
     """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
@@ -52,7 +42,8 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
     if ckpt is None:
         raise RuntimeError(f"{ident.run_name(fold)}: no trial finished with a checkpoint")
     with ckpt.as_directory() as folder:
-        model, scaler, cfg, payload = load_checkpoint_model(Path(folder) / CHECKPOINT_FILE)
+        model, scaler, cfg, payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE,
+                                                      study.run.data)
         data = prepare_fold(cfg, model, progress=False)
         data.scaler = scaler
         y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))

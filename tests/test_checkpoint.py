@@ -246,6 +246,11 @@ def test_an_old_checkpoint_converts_to_the_current_format(trained, nacl, tmp_pat
     folder, cfg = trained
     old = tmp_path / "old" / CHECKPOINT_FILE
     save_checked(old_payload(folder, cfg, [{"epoch": 1, "val_mae": np.float64(0.5)}]), old)
+    from matxfer.cli import main
+
+    # the README's command: a run folder in, a new folder out (gets checkpoint.pt)
+    assert main(["checkpoint", "convert", str(old.parent), str(tmp_path / "v2")]) == 0
+    assert (tmp_path / "v2" / CHECKPOINT_FILE).is_file()
     new = convert_checkpoint(old.parent, tmp_path / "new.pt")
     model, _, new_cfg, payload = load_checkpoint(new)
     assert payload["format_version"] == FORMAT_VERSION and payload["foundation"]["sha256"]

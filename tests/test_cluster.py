@@ -54,8 +54,9 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
     mlflow_proc = start_server(tmp_path / "mlflow", mlflow_port)
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
-        subprocess.run(["bash", str(ROOT / "cluster" / "local_cluster.sh"), "start"], env=env,
-                       check=True, timeout=300, capture_output=True)
+        started = subprocess.run(["bash", str(ROOT / "cluster" / "local_cluster.sh"), "start"],
+                                 env=env, timeout=300, capture_output=True, text=True)
+        assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
         dashboard = f"http://127.0.0.1:{base + 1}"
         client_env = {**env, "RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": "token",
                       "RAY_AUTH_TOKEN_PATH": str(state / "token"), "MLFLOW_TRACKING_URI": uri,

@@ -65,6 +65,8 @@ README_COMMANDS = {
     "runs/studies/matbench_jdft2d/main/<fingerprint>/fold0": HERE,
     ".venv/bin/matxfer report --experiment matbench_jdft2d --tasks matbench_jdft2d "
     "matbench_phonons": HERE,
+    ".venv/bin/matxfer checkpoint convert runs/old-study/fold0 runs/old-study/fold0-v2":
+        "tests/test_checkpoint.py::test_an_old_checkpoint_converts_to_the_current_format",
     "python -m venv .venv": "CI: make install (.ci/run) creates the venv",
     ".venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126":
         "not runnable here: no CUDA wheel index is reachable from this machine",
