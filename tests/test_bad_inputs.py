@@ -26,6 +26,7 @@ Cl Cl1 {x} {x} {x}
 """
 
 CONFIGS = {  # name: (file content, expected message)
+    "empty.yaml": ("", "is empty; it must hold a mapping"),  # not a full default run
     "bad_yaml.yaml": ("train:\n  epochs: [1,\n", "is not valid YAML at line"),
     "unknown_key.yaml": ("train:\n  epocs: 3\n", "train.epocs: unknown config key"),
     "a_list.yaml": ("- a\n- b\n", "must hold a mapping, got list"),
@@ -39,6 +40,7 @@ CONFIGS = {  # name: (file content, expected message)
 }
 
 STUDY_CONFIGS = {
+    "study_empty.yaml": ("", "is empty; it must hold a mapping"),
     "study_bad_folds.yaml": ("folds: [0, 7]\n", "folds must be distinct values in 0-4"),
     "study_zero_samples.yaml": ("num_samples: 0\n", "num_samples"),
     "study_bad_range.yaml": ("search:\n  l2sp: {low: 1.0, high: 0.1}\n",

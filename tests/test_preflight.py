@@ -124,3 +124,25 @@ def test_a_pinned_study_dir_holding_another_study_is_refused_naming_the_fields(t
     err = capsys.readouterr().err
     assert "run.train.epochs: 2 -> 3" in err and "num_samples: 4 -> 2" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_check_compares_the_trial_shape_with_the_attached_clusters_nodes():
+    """Two 1-CPU nodes hold the quickstart's 1-CPU workers; 3 workers x 2 CPUs never fit,
+    and the plan says what each node offers."""
+    study = load_study_config(QUICK)
+    nodes = [{"name": "10.0.0.1", "resources": {"CPU": 1.0}},
+             {"name": "10.0.0.2", "resources": {"CPU": 1.0}}]
+    assert not preflight(study, nodes).problems
+    big = load_study_config(QUICK, {"scaling.num_workers": 3, "scaling.cpus_per_worker": 2})
+    (problem,) = preflight(big, nodes).problems
+    assert "nodes offer" in problem and "10.0.0.2" in problem
+
+
+def test_inside_a_ray_job_relative_locations_are_refused(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    problems = preflight(load_study_config(QUICK)).problems
+    assert [p.split()[0] for p in problems] == ["output_dir", "storage_path", "tracking"]
+    pinned = load_study_config(QUICK, {"output_dir": "/shared/studies",
+                                       "storage_path": "s3://bucket/matxfer",
+                                       "tracking.uri": "http://mlflow.internal:5000"})
+    assert not [p for p in preflight(pinned).problems if "Ray job" in p]
