@@ -252,6 +252,7 @@ def preflight(study: StudyConfig, nodes: list[dict] | None = None) -> Plan:
         check_cluster(plan, nodes)
     check_outputs(plan)
     check_tracking(plan)
+    tracking = (resolve_tracking_uri(study.tracking.uri) if study.tracking.enabled else "off")
     plan.problems += durable_location_problems(study.study_dir or study.output_dir,
-                                               study.storage_path, study.tracking.uri)
+                                               study.storage_path, tracking)
     return plan

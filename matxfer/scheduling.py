@@ -220,13 +220,15 @@ def durable_location_problems(output_dir: str, storage_path: str,
     (relative, or under runtime_resources), which Ray deletes after the job. A SQLite
     tracking store also puts run artifacts in ./mlruns. Outside a job, or for absolute
     shared paths and URIs (s3://, http://): nothing. `tracking_uri` None: matxfer's default
-    sqlite:///mlflow.db."""
+    sqlite:///mlflow.db; 'off': tracking disabled."""
     if not inside_ray_job():
         return []
     places = (("output_dir", output_dir, "--output-dir /shared/..."),
               ("storage_path", storage_path, "--storage-path /shared/... or s3://..."))
     problems = [f"{name} '{path}' {_ephemeral(path)}: {LOST}; pass {flag}"
                 for name, path, flag in places if _ephemeral(path)]
+    if tracking_uri == "off":  # tracking disabled: nothing to keep
+        return problems
     uri = tracking_uri or "sqlite:///mlflow.db"
     server = "MLFLOW_TRACKING_URI=http://HOST:5000 (a server every node reaches)"
     if uri.startswith("sqlite:///"):

@@ -146,3 +146,7 @@ def test_inside_a_ray_job_relative_locations_are_refused(monkeypatch):
                                        "storage_path": "s3://bucket/matxfer",
                                        "tracking.uri": "http://mlflow.internal:5000"})
     assert not [p for p in preflight(pinned).problems if "Ray job" in p]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")  # as submit.sh passes
+    unpinned_uri = load_study_config(QUICK, {"output_dir": "/shared/studies",
+                                             "storage_path": "/shared/ray"})
+    assert not [p for p in preflight(unpinned_uri).problems if "Ray job" in p]
