@@ -23,7 +23,8 @@ quickstart: install
 	$(BIN)/matxfer tune tune_configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	# three test files at a time: most of a study test is spent waiting on Ray, not computing
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile tests
 
 bench: install
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
