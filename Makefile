@@ -23,8 +23,8 @@ quickstart: install
 	$(BIN)/matxfer tune tune_configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: install
-	# three test files at a time: most of a study test is spent waiting on Ray, not computing
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile tests
+	# two test files at a time: most of a study test is spent waiting on Ray, not computing
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: install
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)

@@ -81,7 +81,7 @@ def study_identity(cfg_path, **overrides):
 
 
 # The files that run real studies take most of the suite's wall time: collected first, they
-# start first on the parallel workers (make test: -n 3 --dist loadfile) instead of forming a
+# start first on the parallel workers (make test: -n 2 --dist loadfile) instead of forming a
 # tail at the end.
 LONG_FILES = ("test_readme.py", "test_tune.py", "test_tracking.py", "test_faults.py",
               "test_cluster.py")
