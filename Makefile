@@ -23,8 +23,7 @@ quickstart: install
 	$(BIN)/matxfer tune tune_configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: install
-	# two test files at a time: most of a study test is spent waiting on Ray, not computing
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)

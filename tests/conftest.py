@@ -80,9 +80,8 @@ def study_identity(cfg_path, **overrides):
     return preflight(load_study_config(cfg_path, overrides)).ident
 
 
-# The files that run real studies take most of the suite's wall time: collected first, they
-# start first on the parallel workers (make test: -n 2 --dist loadfile) instead of forming a
-# tail at the end.
+# The files that run real studies take most of the suite's wall time: collected first, so a
+# parallel run (pytest -n 2 --dist loadfile) starts them first instead of ending on them.
 LONG_FILES = ("test_readme.py", "test_tune.py", "test_tracking.py", "test_faults.py",
               "test_cluster.py")
 
