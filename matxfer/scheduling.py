@@ -156,6 +156,32 @@ def job_placement_groups() -> list[dict]:
             if pg_id.endswith(job) and pg["state"] != "REMOVED"]
 
 
+def fit_watched(tuner: tune.Tuner) -> tune.ResultGrid:
+    """`tuner.fit()`; when the SchedulingWatchdog stops the study, also remove the worker
+    groups its stopped trials left waiting: Tune stops the trial coordinators, but a Train
+    run's pending placement group belongs to this driver's job and would otherwise wait, and
+    take the CPUs when they free up, until the driver exits."""
+    try:
+        return tuner.fit()
+    except StudyStalled:
+        remove_waiting_groups()
+        raise
+
+
+def remove_waiting_groups() -> int:
+    """Remove this job's placement groups that are still waiting to be placed (PENDING or
+    RESCHEDULING); return how many."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    waiting = [pg for pg in job_placement_groups()
+               if pg["state"] in ("PENDING", "RESCHEDULING")]
+    for pg in waiting:
+        pg_id = PlacementGroupID(bytes.fromhex(pg["placement_group_id"]))
+        remove_placement_group(PlacementGroup(pg_id))
+    return len(waiting)
+
+
 def workers_placed(per_worker: dict) -> bool:
     """Whether any worker group of this job holds its resources (a CREATED placement group
     whose every bundle covers `per_worker`)."""

@@ -33,6 +33,7 @@ from matxfer.scheduling import (
     StudyStalled,
     cluster_nodes,
     coordinator_resources,
+    fit_watched,
     per_worker_resources,
 )
 from matxfer.selection import error_line, evaluate_best
@@ -328,7 +329,7 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
         callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
     try:
         with quiet_ray_output():  # around building too: Optuna logs at construction
-            return make_tuner(study, fold, name, callbacks).fit()
+            return fit_watched(make_tuner(study, fold, name, callbacks))
     except StudyStalled as err:
         raise UserError(f"fold {fold}: {err}") from None
 

@@ -39,6 +39,25 @@ def jdft2d_graphs(backbone, graph_cache_dir):
                        float(backbone.r_max), torch.float32, progress=False)
 
 
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """One local Ray instance (2 CPUs) for the requesting test module; the module's trainables
+    travel by value (Ray's workers cannot import the tests folder)."""
+    import ray
+    from ray import cloudpickle
+
+    from matxfer.tune import pinned_local_address
+
+    cloudpickle.register_pickle_by_value(request.module)
+    with pinned_local_address():
+        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                 logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(request.module)
+
+
 @pytest.fixture
 def tiny_cfg():
     """A run config small enough for a unit test: 32 structures, 2 epochs."""

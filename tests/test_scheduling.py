@@ -123,27 +123,6 @@ def test_durable_locations_inside_a_job_flag_relative_and_runtime_paths(monkeypa
 # ---------------------------------------------------------------- a real local Ray instance
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance (2 CPUs) for this module; its trainables travel by value
-    (Ray's workers cannot import the tests folder)."""
-    import sys
-
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    from matxfer.tune import pinned_local_address
-
-    with pinned_local_address():
-        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def _hold_one_cpu_until_both(config: dict) -> None:
     """A coordinator that does what Ray Train does first: reserve a 1-CPU worker bundle.
     It holds it until the other trial holds one too (a barrier of files), so both 1-CPU
@@ -218,6 +197,7 @@ def test_watchdog_ends_a_study_whose_workers_never_fit_within_seconds(local_ray,
     from matxfer.scheduling import (
         SchedulingWatchdog,
         StudyStalled,
+        fit_watched,
         job_placement_groups,
     )
 
@@ -230,7 +210,7 @@ def test_watchdog_ends_a_study_whose_workers_never_fit_within_seconds(local_ray,
                                   verbose=0, callbacks=[watchdog]))
     start = time.monotonic()
     with pytest.raises(StudyStalled) as err:
-        tuner.fit()
+        fit_watched(tuner)
     took = time.monotonic() - start
     msg = str(err.value)
     assert msg.startswith("no trial could start for 5 s: each trial needs 1 worker x "
@@ -238,8 +218,8 @@ def test_watchdog_ends_a_study_whose_workers_never_fit_within_seconds(local_ray,
     assert re.search(r"nodes offer: \S+ \(head\) \{CPU: 2 \(2 free\)\}; ", msg)
     assert "no node can hold 1 worker x {CPU: 64}: needs CPU 64 (largest node: 2)" in msg
     assert took < 60, f"the watchdog took {took:.0f} s"
-    # Tune's stop shuts the Train runs down: no pending worker group is left to take the
-    # CPUs later (one left by a killed driver would)
+    # no worker group the stopped trials asked for is left waiting to take the CPUs later
+    # (Tune removes its own coordinators' groups as it stops the trials)
     deadline = time.monotonic() + 10
     while job_placement_groups() and time.monotonic() < deadline:
         time.sleep(0.5)
