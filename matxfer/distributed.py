@@ -3,7 +3,9 @@
 `train_worker` runs on every worker: it places the model, wraps it in DDP, runs the plain loop
 from train.py and reports each epoch (with a checkpoint on rank 0); after a worker failure Ray
 Train restarts the group and it continues from the last checkpoint's training state.
-`fit_on_workers` builds the TorchTrainer for one trial.
+`fit_on_workers` builds the TorchTrainer for one trial of several workers; a one-worker trial
+runs the same `train_process` in its own Tune trial process (`train_in_trial`): starting a
+Train controller and worker group cost each trial tens of seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -30,7 +33,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RESUME_FILE = "resume.pt"
 
 
-def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int):
+Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint folder or None)
+
+
+def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int, report: Report):
     """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint every epoch:
     the best weights so far (checkpoint.pt, what evaluation and predict read) and the state
     to continue from (resume.pt), each with its checksum. Each report names the Ray node the
@@ -41,22 +47,21 @@ def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int):
         metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch,
                    "node_id": node_id, "resumed_from_epoch": resumed_from}
         if rank != 0:
-            ray.train.report(metrics)
+            report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as tmp:
             payload = checkpoint_payload(model, cfg, data, result.best_state)
             payload["history"] = plain(list(result.history))
             save_checked(payload, Path(tmp) / CHECKPOINT_FILE)
             save_checked(plain(state()), Path(tmp) / RESUME_FILE)  # weights-only loadable
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            report(metrics, tmp)  # Ray copies the folder to the run's storage here
     return on_epoch
 
 
-def resume_state() -> dict | None:
-    """The training state of this run's last checkpoint (after a worker failure), else None.
+def resume_state(checkpoint: Checkpoint | None) -> dict | None:
+    """The training state of this run's last checkpoint (after a failure), else None.
     A damaged one, or one holding pickled objects besides tensors and plain values, is not
     trusted: the run starts over, which costs time but not correctness."""
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -67,23 +72,56 @@ def resume_state() -> dict | None:
             return None
 
 
+def train_process(cfg: RunConfig, device: torch.device, rank: int, world: int, report: Report,
+                  checkpoint: Checkpoint | None, wrap: Callable | None = None) -> None:
+    """One process's share of a fine-tune: build the model, read the fold from the cache the
+    driver built, continue from `checkpoint` when there is one, report every epoch."""
+    model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
+    freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
+    data = prepare_fold(cfg, model, progress=False)
+    model.to(device)
+    state = resume_state(checkpoint)
+    fit(wrap(model) if wrap else model, data, cfg, device, rank=rank, world_size=world,
+        log=None, resume=state,
+        on_epoch=_report_epoch(model, cfg, data, rank, state["epoch"] if state else 0, report))
+
+
+def _train_report(metrics: dict, folder: str | None) -> None:
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train worker entry: config = {'run': RunConfig as dict, 'threads': int}."""
     cfg = RunConfig.model_validate(config["run"])
     torch.set_num_threads(int(config.get("threads") or 1))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
-    freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
-    data = prepare_fold(cfg, model, progress=False)  # reads the cache the driver built
-    model.to(device)
-    wrapped = model
+    wrap = None
     if world > 1:
-        wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    state = resume_state()
-    fit(wrapped, data, cfg, device, rank=rank, world_size=world, log=None, resume=state,
-        on_epoch=_report_epoch(model, cfg, data, rank, state["epoch"] if state else 0))
+        def wrap(model):
+            return ray.train.torch.prepare_model(model, move_to_device=False)
+    train_process(cfg, ray.train.torch.get_device(), rank, world, _train_report,
+                  ray.train.get_checkpoint(), wrap)
+
+
+def train_in_trial(cfg: RunConfig, scaling: ScalingSettings) -> None:
+    """A single-worker fine-tune inside the Tune trial's own process (which holds the
+    worker's CPUs and GPU): no Train controller or worker group to start. Tune restarts a
+    failed trial from its last checkpoint (the study's FailureConfig)."""
+    from ray import tune
+
+    torch.set_num_threads(worker_threads(scaling))
+    device = torch.device("cuda") if scaling.use_gpu else torch.device("cpu")
+
+    def report(metrics: dict, folder: str | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder)
+                    if folder else None)
+
+    train_process(cfg, device, 0, 1, report, tune.get_checkpoint())
+
+
+def worker_threads(scaling: ScalingSettings) -> int:
+    return max(1, int(scaling.cpus_per_worker))
 
 
 def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, name: str,
@@ -92,7 +130,7 @@ def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, 
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    threads = max(1, int(scaling.cpus_per_worker))
+    threads = worker_threads(scaling)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run": cfg.model_dump(), "threads": threads},

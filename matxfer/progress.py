@@ -213,6 +213,9 @@ STDOUT_NOISE = (
 LOG_NOISE = {
     "ray.tune.tune": ("Wrote the latest version of all result files", "Trials did not complete"),
     "optuna.storages._in_memory": ("A new study created in memory",),
+    # each one-worker trial checkpoints every epoch, and Tune snapshots its (small, local)
+    # experiment state with each one (CheckpointConfig(num_to_keep=1)): expected, not a fault
+    "ray.tune.execution.experiment_state": ("Experiment state snapshotting has been triggered",),
 }
 
 

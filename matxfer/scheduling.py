@@ -1,6 +1,7 @@
 """Where a study's trials run, whether they can run at all, and where their results survive.
 
-A trial is a coordinator (the Tune trial function, which only waits on its Ray Train run)
+A one-worker trial trains in its own Tune trial process, which holds the worker's resources.
+A DDP trial is a coordinator (the Tune trial function, which only waits on its Ray Train run)
 plus `num_workers` training workers. Coordinators ask for no CPU and a sliver of the head
 node's built-in `node:__internal_head__` resource, so they all sit on the head node, which
 may have 0 CPUs (cluster/ray-cluster.yaml), and never take a fraction of a CPU from a worker
@@ -27,6 +28,16 @@ def coordinator_resources() -> dict:
     """Resources of one trial coordinator for `tune.with_resources`: 0 CPU, 0.001 of the
     head node's built-in resource (so up to 1000 concurrent trials), i.e. on the head."""
     return {"cpu": 0, HEAD_RESOURCE: 0.001}
+
+
+def trial_resources(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float,
+                    num_workers: int) -> dict:
+    """What a study's trial asks Tune for: a one-worker trial trains in its own process, so it
+    holds the worker's CPUs (and GPU); a DDP trial is a coordinator (coordinator_resources)
+    whose Ray Train worker group asks for the workers' resources."""
+    if num_workers > 1:
+        return coordinator_resources()
+    return {"cpu": float(cpus_per_worker), **({"gpu": float(gpus_per_worker)} if use_gpu else {})}
 
 
 def per_worker_resources(cpus_per_worker: float, use_gpu: bool) -> dict:
@@ -141,8 +152,9 @@ def stall_message(per_worker: dict, num_workers: int, nodes: list[dict], waited_
     why = ("it fits the nodes' totals, so other work (or placement groups leaked by an "
            "earlier run) holds the resources" if verdict is True else verdict)
     workers = f"{num_workers} worker{'s' if num_workers != 1 else ''}"
+    coordinator = " (+ a CPU-less coordinator on the head node)" if num_workers > 1 else ""
     return (f"no trial could start for {waited_s:.0f} s: each trial needs {workers} x "
-            f"{shape(per_worker)} (+ a CPU-less coordinator on the head node); "
+            f"{shape(per_worker)}{coordinator}; "
             f"nodes offer: {describe_nodes(nodes, keys)}; {why}")
 
 

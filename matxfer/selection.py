@@ -19,15 +19,17 @@ from matxfer.train import loader_options, predict, score
 
 
 def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
-    """The trial's last reported checkpoint: workers save one only when validation improves,
-    so it holds the trial's best weights. Train V2 passes its path to Tune as a metric."""
+    """The trial's last reported checkpoint: it holds the trial's best weights so far (every
+    epoch's checkpoint.pt carries the best state). A one-worker trial reports it to Tune
+    itself; a DDP trial's Ray Train run passes its path to Tune as a metric."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     history = result.metrics_dataframe
-    if history is None or CHECKPOINT_PATH_KEY not in history:
-        return None
-    paths = history[CHECKPOINT_PATH_KEY].dropna()
-    return ray.train.Checkpoint(paths.iloc[-1]) if len(paths) else None
+    if history is not None and CHECKPOINT_PATH_KEY in history:
+        paths = history[CHECKPOINT_PATH_KEY].dropna()
+        if len(paths):
+            return ray.train.Checkpoint(paths.iloc[-1])
+    return result.checkpoint
 
 
 def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,

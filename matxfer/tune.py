@@ -32,9 +32,9 @@ from matxfer.scheduling import (
     SchedulingWatchdog,
     StudyStalled,
     cluster_nodes,
-    coordinator_resources,
     fit_watched,
     per_worker_resources,
+    trial_resources,
 )
 from matxfer.selection import error_line, evaluate_best
 from matxfer.storage import checked_files
@@ -128,16 +128,19 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
 
 
 def _trial(params: dict, study_json: str, fold: int, run_name: str) -> None:
-    """Tune trainable: launches the Ray Train run of one trial."""
+    """Tune trainable: one trial. One worker: trains here; several: launches their Ray Train
+    (DDP) run and waits on it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from matxfer.distributed import fit_on_workers
+    from matxfer.distributed import fit_on_workers, train_in_trial
 
     study = StudyConfig.model_validate_json(study_json)
     cfg = trial_run_config(study, fold, params)
-    ctx = tune.get_context()
+    if study.scaling.num_workers == 1:
+        train_in_trial(cfg, study.scaling)
+        return
     fit_on_workers(cfg, study.scaling, study.storage_path,
-                   name=f"{run_name}-train/{ctx.get_trial_id()}",
+                   name=f"{run_name}-train/{tune.get_context().get_trial_id()}",
                    callbacks=[TuneReportCallback()])
 
 
@@ -198,7 +201,9 @@ class TrialLogger(tune.Callback):
                 files["learning_curve.png"] = learning_curve_png(
                     history, Path(tmp) / "learning_curve.png", self.metric)
             self.tracker.log_files(run_id, files)
-        ckpt = self.checkpoints.get(trial.trial_id)
+        ckpt = self.checkpoints.get(trial.trial_id)  # a DDP trial's Ray Train checkpoint
+        if ckpt is None and trial.checkpoint is not None:  # a one-worker trial's own
+            ckpt = trial.checkpoint.path
         if ckpt and Path(ckpt, CHECKPOINT_FILE).is_file():
             self.tracker.log_files(run_id, checked_files(Path(ckpt), CHECKPOINT_FILE),
                                    "best_checkpoint")
@@ -222,10 +227,11 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str,
                callbacks: list | None = None) -> tune.Tuner:
     """A new Tuner for one fold, or the interrupted one of the same study (same fingerprint,
     hence the same `run_name`) restored, finished trials kept."""
+    s = study.scaling
     trainable = tune.with_resources(
         tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold,
                              run_name=run_name),
-        coordinator_resources())  # on the head node, no CPU: worker nodes stay whole
+        trial_resources(s.cpus_per_worker, s.use_gpu, s.gpus_per_worker, s.num_workers))
     path = os.path.join(storage_uri(study), run_name)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -250,8 +256,12 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str,
         tune_config=tune.TuneConfig(search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=study.max_concurrent_trials),
-        run_config=tune.RunConfig(name=run_name, callbacks=callbacks,
-                                  storage_path=storage_uri(study), verbose=0),
+        run_config=tune.RunConfig(
+            name=run_name, callbacks=callbacks, storage_path=storage_uri(study), verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # a one-worker trial restarts from its last checkpoint once (Ray Train does
+            # this for a DDP trial's worker group)
+            failure_config=tune.FailureConfig(max_failures=int(s.num_workers == 1))),
     )
 
 

@@ -148,7 +148,8 @@ def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, 
 
 
 def _our_train_workers(tag: str) -> list[int]:
-    """PIDs of Ray Train workers started by this test (they inherit its MATXFER_TEST_TAG)."""
+    """PIDs of the processes that train for this test's study (they inherit its
+    MATXFER_TEST_TAG): a one-worker trial trains in its Tune trial actor (ImplicitFunc)."""
     import os
 
     pids = []
@@ -158,7 +159,7 @@ def _our_train_workers(tag: str) -> list[int]:
             env = open(f"/proc/{pid}/environ", "rb").read()
         except OSError:
             continue
-        if title.startswith(b"ray::RayTrainWorker") and f"MATXFER_TEST_TAG={tag}".encode() in env:
+        if title.startswith(b"ray::ImplicitFunc") and f"MATXFER_TEST_TAG={tag}".encode() in env:
             pids.append(int(pid))
     return pids
 
@@ -166,9 +167,9 @@ def _our_train_workers(tag: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_fault_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
-    """Fault: SIGKILL of the trial's training worker after its first epoch. Ray Train
-    restarts the worker group, which continues from the checkpoint's training state: every
-    epoch is reported once, the trial and the study finish, MLflow holds one curve."""
+    """Fault: SIGKILL of the process training the trial after its first epoch. Tune
+    restarts the trial, which continues from the checkpoint's training state: every epoch is
+    reported once, the trial and the study finish, MLflow holds one curve."""
     import os
     import signal
     import threading

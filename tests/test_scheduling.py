@@ -16,6 +16,7 @@ from matxfer.scheduling import (
     inside_ray_job,
     per_worker_resources,
     stall_message,
+    trial_resources,
 )
 
 
@@ -28,6 +29,12 @@ def test_coordinator_takes_no_cpu_only_a_sliver_of_the_head_resource():
 
     pgf = resource_dict_to_pg_factory(coordinator_resources())
     assert pgf.required_resources == {"node:__internal_head__": 0.001}
+
+
+def test_a_one_worker_trial_holds_its_workers_resources_a_ddp_trial_only_a_coordinator():
+    assert trial_resources(2, False, 1, 1) == {"cpu": 2.0}
+    assert trial_resources(4, True, 0.5, 1) == {"cpu": 4.0, "gpu": 0.5}
+    assert trial_resources(1, True, 1, 2) == coordinator_resources()
 
 
 def test_per_worker_resources_add_one_gpu_only_with_use_gpu():
@@ -73,14 +80,15 @@ def test_fits_needs_every_resource_on_the_same_node():
 def test_stall_message_names_the_trial_shape_and_what_each_node_offers():
     nodes = [{"name": "10.0.0.1 (head)", "resources": {"CPU": 0.0}, "free": {"CPU": 0.0}},
              {"name": "10.0.0.2", "resources": {"CPU": 1.0}, "free": {"CPU": 0.99}}]
-    msg = stall_message({"CPU": 1.0}, 1, nodes, 300.2)
+    msg = stall_message({"CPU": 1.0}, 1, nodes, 300.2)  # a one-worker trial: no coordinator
     assert msg.startswith("no trial could start for 300 s: each trial needs 1 worker x "
-                          "{CPU: 1} (+ a CPU-less coordinator on the head node); ")
+                          "{CPU: 1}; nodes offer: ")
     assert "nodes offer: 10.0.0.1 (head) {CPU: 0 (0 free)}, 10.0.0.2 {CPU: 1 (0.99 free)}" in msg
     assert "other work" in msg  # it fits the totals: something else holds the CPU
     assert "\n" not in msg
     msg = stall_message({"CPU": 2.0, "GPU": 1.0}, 3, nodes, 5)
-    assert "needs 3 workers x {CPU: 2, GPU: 1}" in msg and "no node can hold" in msg
+    assert "needs 3 workers x {CPU: 2, GPU: 1} (+ a CPU-less coordinator on the head " \
+           "node); " in msg and "no node can hold" in msg
 
 
 def test_inside_ray_job_from_the_entrypoint_variable_or_a_runtime_resources_cwd(
@@ -173,7 +181,7 @@ def test_coordinators_leave_the_cpus_whole_for_concurrent_workers(local_ray, tmp
 
 
 def _train_with_huge_workers(config: dict) -> None:
-    """A tiny trial: a Ray Train run whose one worker asks for 64 CPUs (the node has 2).
+    """A tiny DDP trial: a Ray Train run whose 2 workers ask for 64 CPUs each (the node has 2).
     Train V2 retries placing the worker group forever; the watchdog must end it."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -185,7 +193,7 @@ def _train_with_huge_workers(config: dict) -> None:
         ray.train.report({"best_val": 1.0})
 
     TorchTrainer(worker, scaling_config=ScalingConfig(
-        num_workers=1, resources_per_worker={"CPU": 64.0}),
+        num_workers=2, resources_per_worker={"CPU": 64.0}),
         run_config=RunConfig(name="huge", storage_path=config["storage"],
                              callbacks=[TuneReportCallback()])).fit()
 
@@ -201,7 +209,7 @@ def test_watchdog_ends_a_study_whose_workers_never_fit_within_seconds(local_ray,
         job_placement_groups,
     )
 
-    watchdog = SchedulingWatchdog({"CPU": 64.0}, 1, timeout_s=5, poll_s=1)
+    watchdog = SchedulingWatchdog({"CPU": 64.0}, 2, timeout_s=5, poll_s=1)
     tuner = tune.Tuner(
         tune.with_resources(_train_with_huge_workers, coordinator_resources()),
         param_space={"storage": str(tmp_path / "ray")},
@@ -213,7 +221,7 @@ def test_watchdog_ends_a_study_whose_workers_never_fit_within_seconds(local_ray,
         fit_watched(tuner)
     took = time.monotonic() - start
     msg = str(err.value)
-    assert msg.startswith("no trial could start for 5 s: each trial needs 1 worker x "
+    assert msg.startswith("no trial could start for 5 s: each trial needs 2 workers x "
                           "{CPU: 64} (+ a CPU-less coordinator on the head node); ")
     assert re.search(r"nodes offer: \S+ \(head\) \{CPU: 2 \(2 free\)\}; ", msg)
     assert "no node can hold 1 worker x {CPU: 64}: needs CPU 64 (largest node: 2)" in msg
