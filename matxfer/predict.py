@@ -1,13 +1,15 @@
 """Fine-tuned model(s) -> predictions for new structures (CIF, POSCAR, extxyz, pymatgen JSON).
 
-`--model` is a checkpoint file or folder, a registered model with an alias (`name@fold0`), or a
-registered model name alone: then every `fold*` alias is loaded and the ensemble's mean and
-standard deviation are reported.
+`--model` is a checkpoint file or folder, a registered model with an alias (`name@fold0`, the
+newest study's model of fold 0; `name@fold0-<fingerprint>`, one study's), or a registered model
+name alone: then every `fold<k>` alias is loaded and the ensemble's mean and standard deviation
+are reported.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,8 @@ def resolve_models(ref: str) -> list[Path]:
     name, _, alias = ref.partition("@")
     try:
         aliases = [alias] if alias else sorted(
-            a for a in MlflowClient().get_registered_model(name).aliases if a.startswith("fold"))
+            a for a in MlflowClient().get_registered_model(name).aliases
+            if re.fullmatch(r"fold\d+", a))
         if not aliases:
             raise UserError(f"registered model {name!r} has no fold aliases")
         return [Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{a}")) for a in aliases]

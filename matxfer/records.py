@@ -36,14 +36,15 @@ def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFram
              for r in table.itertuples()},
             {r.fold: {"l2sp": r.l2sp, "bss": r.bss, "lr": r.lr, "variant": study.name}
              for r in table.itertuples()},
-            out / "matbench_results.json")
+            out / "matbench_results.json", study.run.data.data_dir)
     return table
 
 
 def write_matbench_record(task_name: str, folds: dict[int, pd.DataFrame], params: dict[int, dict],
-                          path: Path) -> None:
+                          path: Path, data_dir: str | None = None) -> None:
     """The record file MatbenchBenchmark writes (all 5 folds): test predictions by matbench id,
-    scored by matbench itself. Gzip it for a leaderboard submission."""
+    scored by matbench itself against the study's own data (`data_dir`, as trained on).
+    Gzip it for a leaderboard submission."""
     from matbench.bench import MatbenchBenchmark
 
     spec = get_task(task_name)
@@ -51,7 +52,7 @@ def write_matbench_record(task_name: str, folds: dict[int, pd.DataFrame], params
     task = mb.tasks_map[task_name]
     # matbench scores each recorded fold against its data frame: hand it ours (same ids and
     # rows) instead of letting it re-download with a hash check the offline copies don't pass
-    frame = load_task(task_name).rename(columns={"target": spec.target})
+    frame = load_task(task_name, data_dir).rename(columns={"target": spec.target})
     if spec.kind == "classification":
         frame[spec.target] = frame[spec.target].astype(bool)
     task.df = frame

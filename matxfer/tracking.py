@@ -195,8 +195,11 @@ class Tracker:
         self.flush(run_id)
         self.call(self.client.set_terminated, run_id, status)
 
-    def register(self, run_id: str, model_name: str, alias: str, artifact_path: str) -> int:
-        """Register the run's artifact folder as a version of `model_name`, tagged `alias`."""
+    def register(self, run_id: str, model_name: str, fold: int, fingerprint: str,
+                 artifact_path: str) -> int:
+        """Register the run's artifact folder as a version of `model_name` with two aliases:
+        `fold<k>-<fingerprint>` (this study's model for ever) and `fold<k>` (the newest study's
+        model; when that moves away from another study's version, say so)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -204,8 +207,20 @@ class Tracker:
         except MlflowException:
             self.call(self.client.create_registered_model, model_name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = self.call(self.client.create_model_version, model_name, source, run_id)
+        version = self.call(self.client.create_model_version, model_name, source, run_id,
+                            tags={"matxfer.fingerprint": fingerprint, "fold": str(fold)})
+        alias = f"fold{fold}"
+        before = self.call(self.client.get_registered_model, model_name).aliases.get(alias)
+        self.call(self.client.set_registered_model_alias, model_name, f"{alias}-{fingerprint}",
+                  version.version)
         self.call(self.client.set_registered_model_alias, model_name, alias, version.version)
+        if before is not None:
+            old = self.call(self.client.get_model_version, model_name, before)
+            old_fp = old.tags.get("matxfer.fingerprint")
+            if old_fp and old_fp != fingerprint:
+                print(f"registry: {model_name}@{alias} now points at version {version.version} "
+                      f"(study {fingerprint}); version {before} stays at "
+                      f"{model_name}@{alias}-{old_fp}")
         return int(version.version)
 
 
@@ -244,7 +259,7 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
     tracker.log_files(parent_id, checked_files(folder, "checkpoint.pt"), "best_model")
     if study.tracking.register_model:
         name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
-        tracker.register(parent_id, name, f"fold{fold}", "best_model")
+        tracker.register(parent_id, name, fold, record["fingerprint"], "best_model")
     tracker.end_run(parent_id)
 
 

@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from matxfer.cli import main
-from matxfer.config import VARIANTS, load_config, load_study_config
+from matxfer.config import VARIANTS, UserError, load_config, load_study_config
 from matxfer.data import local_data_file
 from matxfer.identity import claim_folder, fingerprint, study_settings
+from matxfer.model import resolve_model_path
 from matxfer.preflight import download_reachable, matminer_url, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,17 @@ RUNS = [p for p in SHIPPED if not is_study(p)]
 
 
 def expected_problems(path: Path, cpu: bool) -> list[str]:
-    """What this machine cannot offer the config: no CUDA, data neither here nor reachable."""
+    """What this machine cannot offer the config: no CUDA, data neither here nor reachable,
+    foundation weights neither here (../shared, MATXFER_MODEL, mace's cache) nor reachable."""
     study = load_study_config(path)
     problems = []
     task = study.run.data.task
     if local_data_file(task) is None and download_reachable(matminer_url(task)):
         problems.append(f"data for {task} is not on this machine")
+    try:
+        resolve_model_path(study.run.model.source)
+    except UserError:
+        problems.append("cannot find or download MACE-MP-0")
     if study.scaling.use_gpu and not cpu and not torch.cuda.is_available():
         problems.append("scaling.use_gpu is true but this machine has no CUDA device")
     return problems

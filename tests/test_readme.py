@@ -163,6 +163,11 @@ def studied(workspace):
     record = json.loads((full / "fold0/result.json").read_text())
     assert record["fingerprint"] == full.name and record["max_structures"] == 32
     assert json.loads(quick_result)["fingerprint"] == quick_folder.name
+    # the registry's fold0 alias now names this study's model, and says so; the quickstart's
+    # model keeps its own alias
+    moved = (f"registry: matxfer-matbench_jdft2d@fold0 now points at version 2 (study "
+             f"{full.name}); version 1 stays at matxfer-matbench_jdft2d@fold0-{quick_folder.name}")
+    assert moved in fold0.stdout
 
     again = run(workspace, ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml"
                            f"{MACHINE} --folds 0 {SIZE}")

@@ -132,7 +132,10 @@ def test_study_logs_over_http_registers_and_predict_uses_the_registry(server, tm
                                          str(tmp_path / "dl"))
     payload = torch.load(Path(ckpt_dir) / "checkpoint.pt", weights_only=True)
     assert payload["task"] == "matbench_jdft2d" and "model_state" in payload
-    assert client.get_registered_model("matxfer-matbench_jdft2d").aliases == {"fold0": "1"}
+    fp = json.loads(next((tmp_path / "studies").glob("*/*/*/fold0/result.json")).read_text())[
+        "fingerprint"]
+    assert client.get_registered_model("matxfer-matbench_jdft2d").aliases == {
+        "fold0": "1", f"fold0-{fp}": "1"}
 
     structure = Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     structure.to(filename=str(tmp_path / "nacl.cif"))

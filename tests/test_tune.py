@@ -268,6 +268,32 @@ def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
     assert json.loads(path.read_text())["@class"] == "MatbenchBenchmark"
 
 
+def test_matbench_record_scores_against_the_studys_own_data_dir(tmp_path):
+    """A study with `data.data_dir` is scored against that file, not the default copy: here
+    the study's file has every target shifted by +100 and the predictions are its targets."""
+    import pandas as pd
+    from matbench.bench import MatbenchBenchmark
+    from matminer.utils.io import load_dataframe_from_json, store_dataframe_as_json
+
+    from matxfer.data import local_data_file, matbench_ids, official_fold
+    from matxfer.records import write_matbench_record
+
+    frame = load_dataframe_from_json(str(local_data_file("matbench_jdft2d")), pbar=False)
+    frame["exfoliation_en"] += 100.0
+    store_dataframe_as_json(frame, str(tmp_path / "matbench_jdft2d.json.gz"), compression="gz")
+    ids = matbench_ids("matbench_jdft2d", len(frame))
+    shifted = dict(zip(ids, frame["exfoliation_en"], strict=True))
+    folds = {}
+    for fold in range(5):
+        _, test = official_fold("matbench_jdft2d", fold)
+        folds[fold] = pd.DataFrame({"mbid": test, "prediction": [shifted[i] for i in test]})
+    path = tmp_path / "results.json"
+    write_matbench_record("matbench_jdft2d", folds, dict.fromkeys(range(5), {}), path,
+                          data_dir=str(tmp_path))
+    record = MatbenchBenchmark.from_file(str(path)).tasks_map["matbench_jdft2d"]
+    assert record.results["fold_3"]["scores"]["mae"] == pytest.approx(0.0, abs=1e-9)
+
+
 def _recorded_terminated(experiment) -> set[str]:
     """Trial ids that the driver's newest experiment-state snapshot records as finished."""
     snapshots = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
