@@ -221,12 +221,18 @@ class SearchRange(_Strict):
         return self
 
 
+_SEARCH_SETTINGS = ("first_trial_off", "backbone_lr_ratio")  # how to search, not what
+
+
 class SearchSpace(_Strict):
     """What Optuna proposes per trial; a null entry keeps the run template's value."""
 
     l2sp: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-6, high=1e-1))
     bss: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-5, high=1e-1))
-    lr: SearchRange | None = None
+    lr: SearchRange | None = Field(None, description="the head's learning rate, log-uniform")
+    backbone_lr_ratio: float = Field(
+        0.3, gt=0.0, description="with lr searched, each trial's backbone_lr = ratio x lr "
+        "(0.3: the defaults' 3e-4 / 1e-3); unused when lr is not searched")
     lr_decay: SearchRange | None = Field(None, description="log-uniform in (0, 1]; off = 1")
     freeze_blocks: list[int] | None = Field(None, description="choices of k")
     lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
@@ -259,7 +265,7 @@ class SearchSpace(_Strict):
     def searched(self) -> list[str]:
         """Names of the searched hyperparameters."""
         return [n for n in type(self).model_fields
-                if n != "first_trial_off" and getattr(self, n) is not None]
+                if n not in _SEARCH_SETTINGS and getattr(self, n) is not None]
 
     def off_point(self) -> dict[str, bool]:
         """Optuna parameters of the all-off trial: every allow_off range switched off (the

@@ -116,7 +116,7 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
             setattr(cfg.regularizers, name, float(params[name]) if on else 0.0)
     if study.search.lr is not None:
         cfg.train.lr = float(params["lr"])
-        cfg.train.backbone_lr = float(params["lr"]) * 0.3
+        cfg.train.backbone_lr = float(params["lr"]) * study.search.backbone_lr_ratio
     if study.search.lr_decay is not None and params.get("lr_decay_on", True):
         cfg.strategy.lr_decay = float(params["lr_decay"])
     for name in ("freeze_blocks", "lp_epochs"):

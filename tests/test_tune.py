@@ -41,6 +41,20 @@ def test_space_proposes_log_uniform_values_or_off(study_yaml):
         study_opt.tell(trial, 1.0)
 
 
+def test_a_searched_lr_sets_backbone_lr_by_the_explicit_ratio(study_yaml):
+    lr = {"low": 1e-4, "high": 1e-2}
+    study = load_study_config(study_yaml, {"search.lr": lr, "search.backbone_lr_ratio": 0.5})
+    trial = optuna.trial.FixedTrial({"l2sp_on": False, "bss_on": False, "lr": 2e-3})
+    DefineSpace(study.search)(trial)
+    assert "backbone_lr_ratio" not in study.search.searched()
+    cfg = trial_run_config(study, 0, trial.params)
+    assert (cfg.train.lr, cfg.train.backbone_lr) == (2e-3, pytest.approx(1e-3))
+    default = trial_run_config(load_study_config(study_yaml, {"search.lr": lr}), 0, trial.params)
+    assert default.train.backbone_lr == pytest.approx(0.3 * 2e-3)  # documented default
+    with pytest.raises(UserError, match="backbone_lr_ratio"):
+        load_study_config(study_yaml, {"search.backbone_lr_ratio": 0})
+
+
 def test_pooling_is_searchable_per_fold(study_yaml):
     study = load_study_config(study_yaml, {"search.pooling": ["mean", "max"]})
     trial = optuna.trial.FixedTrial({"l2sp_on": False, "bss_on": False, "pooling": "max"})
