@@ -54,6 +54,11 @@ class GraphSet:
     def positions_of(self, ids: Sequence[str]) -> list[int]:
         return [self.index[i] for i in ids]
 
+    def species_of(self, rows: Sequence[int]) -> torch.Tensor:
+        """[atoms of `rows`] int64: the species (z_table indices) of those structures."""
+        spans = [self.species[self.atom_start[r]:self.atom_start[r + 1]] for r in rows]
+        return torch.cat(spans) if spans else self.species[:0]
+
 
 def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float):
     """Neighbour graph of one periodic structure.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from matxfer.analysis.drift import (
@@ -16,9 +17,9 @@ from matxfer.analysis.drift import (
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
 from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
-from matxfer.config import UserError
-from matxfer.data import official_fold, subset_ids
-from matxfer.graphs import task_graphs
+from matxfer.config import RunConfig, UserError
+from matxfer.data import fold_split, official_fold, subset_ids
+from matxfer.graphs import GraphSet, task_graphs
 from matxfer.model import PropertyModel, build_model
 from matxfer.storage import SIDECAR
 from matxfer.strategies import block_of
@@ -68,6 +69,16 @@ def checkpoint_from_run(run_id: str, tracking_uri: str | None, into: Path) -> Pa
     return path
 
 
+def trained_species(graphs: GraphSet, cfg: RunConfig) -> list[int]:
+    """Species (z_table indices) of the structures the run trained on: its fold's training
+    split (validation and test structures excluded; max_structures applied)."""
+    targets = pd.DataFrame({"target": graphs.targets}, index=graphs.ids)
+    split = fold_split(targets, cfg.data.task, cfg.data.fold, cfg.data.val_fraction,
+                       cfg.data.val_seed, cfg.data.max_structures)
+    species = graphs.species_of(graphs.positions_of(split.train))
+    return sorted(int(s) for s in torch.unique(species))
+
+
 def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64) -> dict:
     """Drift per module group, per-element drift over the task's elements, and per-layer CKA of
     pooled features before/after fine-tuning on (a seeded subset of) the fold's training set."""
@@ -80,7 +91,7 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
     graphs = task_graphs(cfg.data.task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                          next(bb.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir,
                          progress=False)
-    present = sorted(int(s) for s in torch.unique(graphs.species))
+    present = trained_species(graphs, cfg)
     train_ids, _ = official_fold(cfg.data.task, cfg.data.fold)
     keep = subset_ids(train_ids, max_structures) or set(train_ids)
     rows = graphs.positions_of([i for i in train_ids if i in keep])

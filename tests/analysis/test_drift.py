@@ -87,3 +87,27 @@ def test_mace_per_element_rows_cover_embedding_skip_and_contractions(backbone):
     attrs = torch.nn.functional.one_hot(torch.tensor([5, 7]), n).to(weight.dtype)
     out, ref = skip(feats, attrs, zeroed), skip(feats, attrs, weight)
     assert torch.all(out[0] == 0) and torch.allclose(out[1], ref[1])
+
+
+def test_drift_counts_only_the_elements_of_the_training_split(jdft2d_graphs, tiny_cfg):
+    """Per-element drift is over the structures the run trained on: an element that occurs
+    only in the fold's test (or validation) structures is not among them."""
+    import pandas as pd
+
+    from matxfer.analysis.drift_analysis import trained_species
+    from matxfer.data import fold_split
+
+    graphs = jdft2d_graphs
+    d = tiny_cfg.data
+    split = fold_split(pd.DataFrame({"target": graphs.targets}, index=graphs.ids), d.task,
+                       d.fold, d.val_fraction, d.val_seed, d.max_structures)
+
+    def species(ids):
+        return {int(s) for s in graphs.species_of(graphs.positions_of(ids))}
+
+    trained = trained_species(graphs, tiny_cfg)
+    assert set(trained) == species(split.train)
+    held_out_only = species(split.test + split.val) - species(split.train)
+    assert held_out_only, "the subset should have an element outside its training split"
+    assert not held_out_only & set(trained)
+    assert set(trained) < {int(s) for s in torch.unique(graphs.species)}
