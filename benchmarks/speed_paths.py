@@ -35,7 +35,7 @@ from matxfer.train import (
     compiled,
     make_optimizer,
     predict,
-    steps_per_epoch,
+    schedule_steps,
     train_epoch,
     warmup_cosine,
 )
@@ -77,7 +77,7 @@ def run_variant(name: str, task: str, structures: int, epochs: int, device: str,
     _, before = predict(model, data, "val", 32, device)
     objective = Objective(model, cfg, data.spec, data.scaler)
     optimizer = make_optimizer(model, cfg)
-    steps = steps_per_epoch(data, cfg.train, 1) * epochs
+    steps = schedule_steps(data, cfg.train, 1)  # cfg.train.epochs == epochs
     scheduler = warmup_cosine(optimizer, min(steps, steps // epochs), steps)
     step_model = model if cfg.train.compile == "off" else compiled(model, cfg.train.compile)
     rates = []

@@ -278,29 +278,41 @@ def batch_rows(graphs: GraphSet, order: np.ndarray, batch_size: int,
     return batches
 
 
-def iterate_batches(
+def epoch_batches(
     graphs: GraphSet, rows: Sequence[int], batch_size: int, shuffle: bool = False,
-    seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-    max_atoms: int | None = None, max_edges: int | None = None, prefetch: int = 0,
-) -> Iterator[dict]:
-    """Yield batches over `rows` (see `batch_rows` for the budgets); with world_size > 1 each
-    rank gets an equal number of disjoint batches; `prefetch` > 0 builds that many ahead in a
-    background thread (see `prefetched`).
+    seed: int = 0, rank: int = 0, world_size: int = 1, max_atoms: int | None = None,
+    max_edges: int | None = None,
+) -> list[np.ndarray]:
+    """This rank's batches (row positions) of one pass over `rows` (see `batch_rows` for the
+    budgets). Every rank gets the same number of disjoint batches, so DDP ranks step in
+    lockstep; every batch is kept, a structure above a budget in a batch of its own.
 
     Shuffling is seeded (pass seed + epoch for a new order each epoch); under DDP every rank
-    draws the same permutation and takes its own stride, as DistributedSampler does.
+    draws the same permutation: without budgets each rank takes its stride of structures, as
+    DistributedSampler does; with budgets, its stride of whole batches. Either way the
+    remainder (fewer than one per rank) waits for another epoch's order.
     """
     order = np.asarray(rows)
     if shuffle:
         order = order[np.random.default_rng(seed).permutation(len(order))]
     budget = max_atoms is not None or max_edges is not None
     if world_size > 1 and not budget:
-        per_rank = len(order) // world_size  # drop the remainder so ranks step in lockstep
+        per_rank = len(order) // world_size
         order = order[rank : per_rank * world_size : world_size]
     chunks = batch_rows(graphs, order, batch_size, max_atoms, max_edges)
-    if world_size > 1 and budget:  # whole batches per rank, the same count on every rank
+    if world_size > 1 and budget:
         chunks = chunks[rank : len(chunks) // world_size * world_size : world_size]
-    # a 1-structure batch breaks BSS and batch statistics
-    kept = [c for c in chunks if not (shuffle and len(c) < 2)]
-    built = (to_device(collate(graphs, c.tolist()), device, pin=prefetch > 0) for c in kept)
+    return chunks
+
+
+def iterate_batches(
+    graphs: GraphSet, rows: Sequence[int], batch_size: int, shuffle: bool = False,
+    seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+    max_atoms: int | None = None, max_edges: int | None = None, prefetch: int = 0,
+) -> Iterator[dict]:
+    """Collated batches of `epoch_batches` on `device`; `prefetch` > 0 builds that many ahead
+    in a background thread (see `prefetched`)."""
+    chunks = epoch_batches(graphs, rows, batch_size, shuffle, seed, rank, world_size,
+                           max_atoms, max_edges)
+    built = (to_device(collate(graphs, c.tolist()), device, pin=prefetch > 0) for c in chunks)
     return prefetched(built, prefetch)

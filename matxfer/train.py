@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch import nn
 
 from matxfer.config import RunConfig, TrainConfig
 from matxfer.data import FoldSplit, TaskSpec
-from matxfer.graphs import GraphSet, batch_rows, iterate_batches
+from matxfer.graphs import GraphSet, epoch_batches, iterate_batches
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.regularizers import add_l2_sp_grad_, bss_penalty
 from matxfer.strategies import freeze_blocks, linear_probe, param_groups
@@ -72,13 +71,20 @@ def loader_options(t: TrainConfig, factor: int = 1) -> dict[str, int | None]:
             "prefetch": t.prefetch_batches}
 
 
-def steps_per_epoch(data: FoldData, t: TrainConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch on each rank (the unshuffled order's count under budgets)."""
-    rows = np.asarray(data.rows["train"])
-    if t.max_batch_atoms is None and t.max_batch_edges is None:
-        return max(1, math.ceil(len(rows) // world_size / t.batch_size))
-    return max(1, len(batch_rows(data.graphs, rows, t.batch_size, t.max_batch_atoms,
-                                 t.max_batch_edges)) // world_size)
+def epoch_seed(t: TrainConfig, epoch: int) -> int:
+    """The shuffling seed of one epoch (the same on every rank)."""
+    return t.seed * 100_003 + epoch
+
+
+def schedule_steps(data: FoldData, t: TrainConfig, world_size: int) -> int:
+    """Optimizer steps of the whole run on each rank: the batches of every epoch's shuffled
+    order (under atom/edge budgets their count depends on the order)."""
+    budget = t.max_batch_atoms is not None or t.max_batch_edges is not None
+    epochs = range(1, t.epochs + 1) if budget else [1]  # without budgets: the same count
+    steps = [len(epoch_batches(data.graphs, data.rows["train"], t.batch_size, True,
+                               epoch_seed(t, e), 0, world_size, t.max_batch_atoms,
+                               t.max_batch_edges)) for e in epochs]
+    return max(1, sum(steps) if budget else steps[0] * t.epochs)
 
 
 @torch.no_grad()
@@ -142,7 +148,7 @@ class Objective:
         loss_task = task_loss(self.spec, out, target)
         loss = loss_task
         terms = {"task_loss": loss_task.item(), "l2sp_term": 0.0, "bss_term": 0.0}
-        if self.bss > 0:
+        if self.bss > 0 and pooled[-1].shape[0] > 1:  # one structure has no batch spectrum
             bss = self.bss * bss_penalty(pooled[-1], self.bss_k)
             loss, terms["bss_term"] = loss + bss, bss.item()
         terms["train_loss"] = loss.item()
@@ -163,7 +169,7 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
     n_batches = n_structs = 0
     start = time.perf_counter()
     for batch in iterate_batches(data.graphs, data.rows["train"], cfg.train.batch_size,
-                                 shuffle=True, seed=cfg.train.seed * 100_003 + epoch,
+                                 shuffle=True, seed=epoch_seed(cfg.train, epoch),
                                  rank=rank, world_size=world_size, device=device,
                                  **loader_options(cfg.train)):
         loss, terms = objective(model, batch)
@@ -179,30 +185,23 @@ def train_epoch(model: nn.Module, objective: Objective, optimizer, scheduler, da
         n_batches += 1
         n_structs += batch["ptr"].numel() - 1
     seconds = time.perf_counter() - start
+    if world_size > 1:  # every rank reports (and checks) the means over all ranks
+        sums, n_batches, n_structs = all_ranks_sum(sums, n_batches, n_structs, device)
     metrics = {k: v / max(1, n_batches) for k, v in sums.items()}
-    metrics.update(seconds=seconds, structures_per_s=n_structs * world_size / max(seconds, 1e-9))
+    metrics.update(seconds=seconds, structures_per_s=n_structs / max(seconds, 1e-9))
     return metrics
 
 
-FAULT_NAN_ONCE = "MATXFER_FAULT_NAN_ONCE"
-
-
-def injected_nan_fault(cfg: RunConfig) -> bool:
-    """Fault injection for the reliability tests: with MATXFER_FAULT_NAN_ONCE=<file>, the first
-    run to create <file> (and any retry of the same hyperparameters, as a real NaN would) sees
-    a NaN training loss in its first epoch."""
-    path = os.environ.get(FAULT_NAN_ONCE)
-    if not path:
-        return False
-    key = f"{cfg.regularizers.l2sp!r}/{cfg.regularizers.bss!r}/{cfg.train.lr!r}"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return True
-    except FileExistsError:
-        with open(path) as fh:
-            return fh.read() == key
+def all_ranks_sum(sums: dict[str, float], n_batches: int, n_structs: int,
+                  device) -> tuple[dict[str, float], int, int]:
+    """The epoch's loss sums and counts added over all DDP ranks (a NaN on one rank makes
+    every rank's mean NaN, so every rank stops with the same message)."""
+    keys = sorted(sums)
+    packed = torch.tensor([sums[k] for k in keys] + [n_batches, n_structs],
+                          dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(packed)
+    values = packed.tolist()
+    return dict(zip(keys, values[:-2])), int(values[-2]), int(values[-1])
 
 
 def training_state(raw: PropertyModel, optimizer, scheduler, epoch: int,
@@ -264,7 +263,7 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
         probe_head(raw, data, cfg, device, world_size, log)
     objective = Objective(raw, cfg, spec, data.scaler)  # anchors w0 before any resumed weights
     optimizer = make_optimizer(raw, cfg)
-    steps = steps_per_epoch(data, t, world_size) * t.epochs
+    steps = schedule_steps(data, t, world_size)
     warmup = min(steps, int(t.warmup_epochs * steps / t.epochs))
     scheduler = warmup_cosine(optimizer, warmup, steps)
     metric = f"val_{spec.metric}"
@@ -272,7 +271,6 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
                          copy.deepcopy(raw.state_dict()))
     if resume:
         result = restore_state(raw, optimizer, scheduler, resume)
-    nan_fault = rank == 0 and injected_nan_fault(cfg)
     step_model = model if t.compile == "off" else compiled(model, t.compile)
     for epoch in range(result.epochs_run + 1, t.epochs + 1):
         if t.patience and result.history and epoch - 1 - result.best_epoch >= t.patience:
@@ -280,8 +278,6 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
         row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
         row.update(train_epoch(step_model, objective, optimizer, scheduler, data, cfg, epoch,
                                device, rank, world_size))
-        if nan_fault:
-            row["train_loss"] = float("nan")
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
         row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device,

@@ -112,26 +112,61 @@ def test_fault_full_disk_is_refused_before_training(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
+def nan_once_hook(marker: str):
+    """A Ray worker_process_setup_hook (test-only fault injection): in every Ray worker of the
+    test's job, the first trial to create `marker` (and any retry of the same
+    hyperparameters, as a real NaN would) sees a NaN training loss in its first epoch."""
+    def install() -> None:
+        import math
+        import os
+
+        import matxfer.train as train
+
+        original = train.train_epoch
+
+        def train_epoch(model, objective, optimizer, scheduler, data, cfg, *rest):
+            row = original(model, objective, optimizer, scheduler, data, cfg, *rest)
+            key = repr((cfg.regularizers.l2sp, cfg.regularizers.bss, cfg.train.lr))
+            try:
+                with os.fdopen(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as fh:
+                    fh.write(key)
+                fires = True
+            except FileExistsError:
+                fires = open(marker).read() == key
+            return {**row, "train_loss": math.nan} if fires else row
+
+        train.train_epoch = train_epoch
+    return install
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path, monkeypatch):
-    """Fault: the first trial's loss turns NaN (MATXFER_FAULT_NAN_ONCE). That trial fails with
-    the reason in trials.csv and on its MLflow run; the other trial and the test pass run."""
+def test_fault_nan_loss_fails_one_trial_cleanly_and_the_study_goes_on(tmp_path):
+    """Fault: the first trial's loss turns NaN (injected by a Ray worker setup hook). That
+    trial fails with the reason in trials.csv and on its MLflow run; the other trial and the
+    test pass run."""
     import json
 
     import pandas as pd
     import ray
     from mlflow import MlflowClient
+    from ray import cloudpickle
 
     from matxfer.config import load_study_config
-    from matxfer.tune import run_study
+    from matxfer.tune import pinned_local_address, run_study
 
-    monkeypatch.setenv("MATXFER_FAULT_NAN_ONCE", str(tmp_path / "nan-fault-fired"))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with pinned_local_address():
+        ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="ERROR",
+                 _node_ip_address="127.0.0.1", include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env={
+                     "worker_process_setup_hook": nan_once_hook(str(tmp_path / "nan-fault-fired"))})
     cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=2)
     try:
-        run_study(load_study_config(cfg))
+        run_study(load_study_config(cfg))  # on the Ray instance started above
     finally:
         ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (tmp_path / "nan-fault-fired").exists()
     fold = study_folder(tmp_path / "studies") / "fold0"
     trials = pd.read_csv(fold / "trials.csv", keep_default_na=False)

@@ -11,6 +11,7 @@ from matxfer.graphs import (
     batch_rows,
     build_graph_set,
     collate,
+    epoch_batches,
     iterate_batches,
     load_graph_set,
     prefetched,
@@ -140,6 +141,17 @@ def test_budget_batches_split_whole_batches_evenly_over_ranks(jdft2d_graphs):
     assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 1
     seen = [int(y) for b in sum(per_rank, []) for y in b["y"]]  # y is the row here
     assert len(seen) == len(set(seen)) and set(seen) <= set(rows)  # disjoint structures
+
+
+def test_a_structure_above_the_budget_trains_in_a_batch_of_its_own(jdft2d_graphs):
+    """Every structure of a single-rank epoch is in some batch, the oversize ones alone (a
+    one-structure batch used to be dropped from shuffled epochs: never trained on)."""
+    rows = list(range(60))
+    budget = int(jdft2d_graphs.n_atoms[rows].max()) - 1  # the largest structure exceeds it
+    batches = epoch_batches(jdft2d_graphs, rows, 8, shuffle=True, seed=5, max_atoms=budget)
+    assert sorted(int(r) for b in batches for r in b) == rows
+    oversize = [r for r in rows if int(jdft2d_graphs.n_atoms[r]) > budget]
+    assert oversize and all([r] in [b.tolist() for b in batches] for r in oversize)
 
 
 def test_prefetched_batches_are_the_same_batches_in_the_same_order(jdft2d_graphs):

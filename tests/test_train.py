@@ -7,7 +7,7 @@ import torch
 
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
-from matxfer.train import fit, predict, score, steps_per_epoch
+from matxfer.train import fit, predict, schedule_steps, score
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_budget_batches_give_the_same_predictions_and_bound_every_step(tiny_mode
     assert np.allclose(fixed, budget, rtol=1e-5, atol=1e-6)
     biggest = int(data.graphs.n_edges[data.rows["train"]].max())  # every structure fits
     tiny_cfg.train.max_batch_edges, tiny_cfg.train.epochs = biggest, 1
-    steps = steps_per_epoch(data, tiny_cfg.train, 1)
+    steps = schedule_steps(data, tiny_cfg.train, 1)
     assert steps > math.ceil(len(data.rows["train"]) / tiny_cfg.train.batch_size)
     result = fit(tiny_model, data, tiny_cfg, log=None)
     assert math.isfinite(result.history[0]["train_loss"])
