@@ -207,8 +207,11 @@ class Tracker:
         except MlflowException:
             self.call(self.client.create_registered_model, model_name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = self.call(self.client.create_model_version, model_name, source, run_id,
-                            tags={"matxfer.fingerprint": fingerprint, "fold": str(fold)})
+        known = self.call(self.client.search_model_versions,
+                          f"name='{model_name}' and run_id='{run_id}'")
+        version = known[0] if known else self.call(  # a rerun completing this run reuses it
+            self.client.create_model_version, model_name, source, run_id,
+            tags={"matxfer.fingerprint": fingerprint, "fold": str(fold)})
         alias = f"fold{fold}"
         before = self.call(self.client.get_registered_model, model_name).aliases.get(alias)
         self.call(self.client.set_registered_model_alias, model_name, f"{alias}-{fingerprint}",
@@ -261,6 +264,20 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
         name = f"matxfer-{spec.name}" + ("" if study.name == "main" else f"-{study.name}")
         tracker.register(parent_id, name, fold, record["fingerprint"], "best_model")
     tracker.end_run(parent_id)
+
+
+def complete_fold_result(tracker: Tracker, study: StudyConfig, fold: int, record: dict,
+                         folder: Path) -> bool:
+    """A fold whose result.json exists but whose parent run a crash left unfinished (or its
+    model unregistered): log the fold's files and register its model now, from `folder`.
+    True when something was repaired."""
+    run_id = record.get("mlflow_run_id")
+    if not run_id or tracker.client.get_run(run_id).info.status == "FINISHED":
+        return False
+    files = {p.name: p for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix != ".sha256" and p.name != "checkpoint.pt"}
+    log_fold_result(tracker, run_id, study, fold, {"record": record, "files": files}, folder)
+    return True
 
 
 def make_tracker(study: StudyConfig) -> Tracker | None:

@@ -38,7 +38,13 @@ from matxfer.scheduling import (
 )
 from matxfer.selection import error_line, evaluate_best
 from matxfer.storage import checked_files
-from matxfer.tracking import log_fold_result, log_summary, make_tracker, open_parent_run
+from matxfer.tracking import (
+    complete_fold_result,
+    log_fold_result,
+    log_summary,
+    make_tracker,
+    open_parent_run,
+)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -301,6 +307,9 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) 
         record = json.loads(done.read_text())
         if record.get("fingerprint") == ident.fingerprint:
             print(f"fold {fold}: finished earlier with the same settings, skipping ({done})")
+            if tracker and complete_fold_result(tracker, study, fold, record, done.parent):
+                print(f"fold {fold}: completed its MLflow run {record['mlflow_run_id']} "
+                      "(left unfinished by an earlier interruption)")
             return record
         raise UserError(f"{str(done)!r} was computed with other settings (fingerprint "
                         f"{record.get('fingerprint')}, this study {ident.fingerprint})")

@@ -145,10 +145,12 @@ def test_bad_study_configs_fail_at_load_time(study_yaml, overrides, needle):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_path):
+def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_path, capsys):
     """Two trials, each a Ray Train run over 2 gloo DDP workers; the best checkpoint is
-    evaluated once on the test fold; a rerun skips the finished fold."""
+    evaluated once on the test fold; a rerun skips the finished fold without training
+    anything, and completes the MLflow record a crash after result.json left unfinished."""
     import ray
+    from mlflow import MlflowClient
 
     from matxfer.tune import run_study
 
@@ -167,9 +169,26 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
         # a subset run cannot fill matbench's record (it needs every test id): none is written
         assert summary["matbench_record"] is None
         assert not (out / "matbench_results.json").exists()
-        # rerun: the finished fold is skipped, results unchanged
+        # a crash between result.json and the end of the MLflow record: the parent run
+        # still RUNNING, its model never registered
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client.update_run(result["mlflow_run_id"], status="RUNNING")
+        client.delete_registered_model("matxfer-matbench_jdft2d")
+        trial_dirs = sorted((tmp_path / "ray").glob("*/_trial_*"))
+        capsys.readouterr()
+        # rerun: the finished fold is skipped (nothing trained), results unchanged, the
+        # MLflow record completed
         again = run_study(study)
+        out_text = capsys.readouterr().out
         assert again.iloc[0]["test_mae"] == table.iloc[0]["test_mae"]
+        assert "fold 0: finished earlier with the same settings, skipping" in out_text
+        assert "completed its MLflow run" in out_text and "trial 1/2" not in out_text
+        assert sorted((tmp_path / "ray").glob("*/_trial_*")) == trial_dirs
+        assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+        assert set(client.get_registered_model("matxfer-matbench_jdft2d").aliases) == {
+            "fold0", f"fold0-{result['fingerprint']}"}
+        run_study(study)  # complete now: nothing left to repair
+        assert "completed" not in capsys.readouterr().out
     finally:
         ray.shutdown()
     assert_mlflow_ui_shows_the_study(tmp_path / "mlflow.db", epochs=2, trials=2)
