@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,33 @@ def load_backbone(source: str, init: str = "pretrained", seed: int = 0,
     for p in model.readouts.parameters():  # energy readouts get no gradient from our head
         p.requires_grad_(False)
     return model.to(dtype)
+
+
+# The backbone's blocks, bottom to top: the one definition used by freezing, layer-wise LR
+# decay, weight drift and the per-layer features. Block 0 embeds elements and distances;
+# block i + 1 is interaction i with its product (the features after it are layer i + 1).
+_BLOCK_OF = ((re.compile(r"^(?:node_embedding|radial_embedding)\."), None),
+             (re.compile(r"^(?:interactions|products)\.(\d+)\."), 1))
+_UNUSED = re.compile(r"^(?:readouts|scale_shift|atomic_energies_fn)\.")  # energy head: frozen
+
+
+def block_names(backbone: nn.Module) -> list[str]:
+    """'embedding', then 'interaction_<i>' per interaction (+ product) block."""
+    return ["embedding"] + [f"interaction_{i}" for i in range(len(backbone.interactions))]
+
+
+def block_index(name: str) -> int | None:
+    """Block (index into block_names) of a backbone parameter name such as
+    'interactions.0.linear.weight'; None for the energy readouts, which the property model
+    does not use. A name in neither raises: an unknown architecture's weights must not be
+    filed under some block silently."""
+    for pattern, offset in _BLOCK_OF:
+        match = pattern.match(name)
+        if match:
+            return 0 if offset is None else int(match.group(1)) + offset
+    if _UNUSED.match(name):
+        return None
+    raise ValueError(f"backbone parameter {name!r} belongs to no block of the backbone")
 
 
 def scalar_columns(backbone: nn.Module) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from matxfer.config import StudyConfig, UserError
 from matxfer.data import get_task, local_data_file
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
-from matxfer.model import resolve_model_path
+from matxfer.model import block_names, resolve_model_path
 from matxfer.run import check_free_space, check_writable
 from matxfer.scheduling import (
     describe_nodes,
@@ -41,7 +41,7 @@ class ModelFacts:
     sha256: str
     n_params: int
     n_bytes: int  # float32 training copy, bytes
-    n_blocks: int  # embedding + interactions (freezing, LR decay)
+    n_blocks: int  # model.block_names: freezing, LR decay, drift, layers
     atomic_numbers: tuple[int, ...]  # the element table graphs are built for
     r_max: float  # cutoff, Å
 
@@ -72,7 +72,7 @@ def model_facts(path: Path) -> ModelFacts:
     backbone = load_backbone(str(path))
     n_params = sum(p.numel() for p in backbone.parameters())
     return ModelFacts(path, file_sha256(str(path)), n_params, 4 * n_params,
-                      1 + len(backbone.interactions),
+                      len(block_names(backbone)),
                       tuple(int(z) for z in backbone.atomic_numbers), float(backbone.r_max))
 
 

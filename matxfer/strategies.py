@@ -13,31 +13,26 @@ interaction layer (interaction + product). The head sits above the last block.
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import nn
 
 from matxfer.config import RunConfig, UserError
 from matxfer.graphs import iterate_batches
-from matxfer.model import PropertyModel
-
-_BLOCK_PATTERNS = ((r"^backbone\.node_embedding\.", None),
-                   (r"^backbone\.(?:interactions|products)\.(\d+)\.", 1))
+from matxfer.model import PropertyModel, block_index, block_names
 
 
 def n_blocks(model: PropertyModel) -> int:
-    """Embedding + one block per interaction layer (3 for MACE-MP-0)."""
-    return 1 + len(model.backbone.interactions)
+    """Embedding + one block per interaction layer (3 for MACE-MP-0 small)."""
+    return len(block_names(model.backbone))
 
 
 def block_of(name: str) -> int | None:
-    """Backbone block of a PropertyModel parameter name (0 = embedding); None otherwise."""
-    for pattern, offset in _BLOCK_PATTERNS:
-        match = re.match(pattern, name)
-        if match:
-            return 0 if offset is None else int(match.group(1)) + offset
-    return None
+    """Backbone block of a PropertyModel parameter name (0 = embedding; model.block_index);
+    None for the head and the unused energy readouts."""
+    if not name.startswith("backbone."):
+        return None
+    return block_index(name.removeprefix("backbone."))
 
 
 def freeze_blocks(model: PropertyModel, k: int) -> list[str]:
@@ -60,7 +55,7 @@ def param_groups(model: PropertyModel, cfg: RunConfig) -> list[dict]:
     t, decay, top = cfg.train, cfg.strategy.lr_decay, n_blocks(model)
     by_block: dict[int, list[nn.Parameter]] = {}
     for name, p in model.backbone_parameters():
-        by_block.setdefault(block_of(f"backbone.{name}") or 0, []).append(p)
+        by_block.setdefault(block_index(name), []).append(p)  # trainable: in some block
     groups = [{"params": params, "lr": (t.backbone_lr or t.lr) * decay ** (top - block),
                "weight_decay": t.backbone_weight_decay, "block": block}
               for block, params in sorted(by_block.items())]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from matxfer.config import load_config
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
 from matxfer.strategies import block_of, freeze_blocks, linear_probe, n_blocks, param_groups
@@ -24,6 +25,24 @@ def test_blocks_of_mace_mp0_bottom_to_top(model):
     assert block_of("backbone.interactions.0.linear_up.weight") == 1
     assert block_of("backbone.products.1.linear.weight") == 2
     assert block_of("head.0.weight") is None and block_of("backbone.readouts.0.x") is None
+
+
+def test_one_block_definition_for_freezing_lr_decay_drift_and_features(model):
+    """Every trainable backbone parameter is in exactly one block, and freezing/LR decay
+    (block_of), drift (module_group) and the per-layer features (layer_names) name the same
+    blocks; a parameter the definition does not know is refused, not filed under block 0."""
+    from matxfer.analysis.drift import module_group
+    from matxfer.analysis.features import layer_names
+    from matxfer.model import block_index
+
+    names = layer_names(model)
+    assert len(names) == n_blocks(model)
+    for name, _ in model.backbone_parameters():
+        assert module_group(f"backbone.{name}") == names[block_of(f"backbone.{name}")]
+    groups = param_groups(model, load_config())
+    assert sum(len(g["params"]) for g in groups[:-1]) == len(model.backbone_parameters())
+    with pytest.raises(ValueError, match="belongs to no block"):
+        block_index("spin_embedding.weight")
 
 
 def test_lr_decay_gives_each_block_decay_to_its_depth(model, tiny_cfg):

@@ -7,27 +7,21 @@ Linear CKA (Kornblith et al. 2019) of two representations X [n, d1], Y [n, d2]:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-GROUP_PATTERNS = (
-    (r"^backbone\.(node_embedding|radial_embedding)\.", "embedding"),
-    (r"^backbone\.interactions\.(\d+)\.", "interactions.{0}"),
-    (r"^backbone\.products\.(\d+)\.", "products.{0}"),
-    (r"^head\.", "head"),
-)
+from matxfer.model import block_index
 
 
 def module_group(name: str) -> str | None:
-    """Parameter name of a PropertyModel -> its group, or None (frozen readouts, buffers)."""
-    for pattern, group in GROUP_PATTERNS:
-        match = re.match(pattern, name)
-        if match:
-            return group.format(*match.groups())
-    return None
+    """Parameter name of a PropertyModel -> its backbone block ('embedding', 'interaction_<i>':
+    model.block_index) or 'head'; None for the unused energy readouts."""
+    if name.startswith("head."):
+        return "head"
+    block = block_index(name.removeprefix("backbone."))
+    return None if block is None else ("embedding" if block == 0 else f"interaction_{block - 1}")
 
 
 def relative_drift(theta: list[torch.Tensor], theta0: list[torch.Tensor]) -> float:
@@ -50,9 +44,10 @@ def group_drift(state: dict[str, torch.Tensor], state0: dict[str, torch.Tensor],
 
 
 def _group_order(group: str) -> tuple:
-    head, _, index = group.partition(".")
-    rank = {"embedding": 0, "interactions": 1, "products": 1, "head": 3}[head]
-    return (rank, int(index or 0), head)
+    """embedding, interaction_0, interaction_1, ..., head."""
+    if group == "head":
+        return (2, 0)
+    return (0, 0) if group == "embedding" else (1, int(group.rpartition("_")[2]))
 
 
 def element_rows(tensor: torch.Tensor, n_elements: int) -> torch.Tensor | None:

@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from matxfer.graphs import GraphSet, default_cache_dir, iterate_batches
-from matxfer.model import PropertyModel, pool
+from matxfer.model import PropertyModel, block_names, pool
 
 FEATURE_FORMAT = 1
 
 
 def layer_names(model: PropertyModel) -> list[str]:
-    """'embedding' (the element embedding) then 'interaction_<i>' per interaction+product."""
-    return ["embedding"] + [f"interaction_{i}" for i in range(len(model.backbone.interactions))]
+    """The backbone's blocks (model.block_names): the features after each one."""
+    return block_names(model.backbone)
 
 
 @torch.no_grad()

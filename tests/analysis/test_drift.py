@@ -18,8 +18,8 @@ from matxfer.analysis.drift import (
 
 def test_module_groups_of_a_property_model():
     assert module_group("backbone.node_embedding.linear.weight") == "embedding"
-    assert module_group("backbone.interactions.1.skip_tp.weight") == "interactions.1"
-    assert module_group("backbone.products.0.linear.weight") == "products.0"
+    assert module_group("backbone.interactions.1.skip_tp.weight") == "interaction_1"
+    assert module_group("backbone.products.0.linear.weight") == "interaction_0"
     assert module_group("head.2.bias") == "head"
     assert module_group("backbone.readouts.0.linear.weight") is None
 
@@ -32,7 +32,7 @@ def test_identical_weights_drift_zero_and_a_known_perturbation_its_norm():
     state = copy.deepcopy(state0)
     state["head.0.bias"] += torch.tensor([0.3, 0.4])  # ‖δ‖ = 0.5, ‖θ0_head‖ = 2
     drift = group_drift(state, state0, names)
-    assert drift["head"] == pytest.approx(0.25) and drift["products.0"] == 0.0
+    assert drift["head"] == pytest.approx(0.25) and drift["interaction_0"] == 0.0
     assert relative_drift([torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 1.0])]) == \
         pytest.approx((9 + 9) ** 0.5)
 
@@ -46,9 +46,9 @@ def test_element_drift_sees_only_the_elements_present():
         return element_rows(t, 4)
 
     assert element_drift(state, state0, list(state0), rows, present=[0, 1, 2]) == \
-        {"products.0": 0.0}
+        {"interaction_0": 0.0}
     state["backbone.products.0.w"][1, 0, 0] += 3.0  # present: ‖δ‖ = 3, ‖θ0 rows 0..2‖ = √18
-    assert element_drift(state, state0, list(state0), rows, [0, 1, 2])["products.0"] == \
+    assert element_drift(state, state0, list(state0), rows, [0, 1, 2])["interaction_0"] == \
         pytest.approx(3 / 18 ** 0.5)
 
 
