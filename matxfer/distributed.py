@@ -23,6 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from matxfer.config import RunConfig, ScalingSettings
+from matxfer.graphs import VerifiedCache
 from matxfer.model import build_model
 from matxfer.run import checkpoint_payload, prepare_fold
 from matxfer.storage import CorruptFile, UnsafeFile, load_checked, plain, save_checked
@@ -73,12 +74,14 @@ def resume_state(checkpoint: Checkpoint | None) -> dict | None:
 
 
 def train_process(cfg: RunConfig, device: torch.device, rank: int, world: int, report: Report,
-                  checkpoint: Checkpoint | None, wrap: Callable | None = None) -> None:
+                  checkpoint: Checkpoint | None, cache: VerifiedCache | None,
+                  wrap: Callable | None = None) -> None:
     """One process's share of a fine-tune: build the model, read the fold from the cache the
-    driver built, continue from `checkpoint` when there is one, report every epoch."""
+    driver built and verified, continue from `checkpoint` when there is one, report every
+    epoch."""
     model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
     freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
-    data = prepare_fold(cfg, model, progress=False)
+    data = prepare_fold(cfg, model, progress=False, verified=cache)
     model.to(device)
     state = resume_state(checkpoint)
     fit(wrap(model) if wrap else model, data, cfg, device, rank=rank, world_size=world,
@@ -91,7 +94,8 @@ def _train_report(metrics: dict, folder: str | None) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train worker entry: config = {'run': RunConfig as dict, 'threads': int}."""
+    """Ray Train worker entry: config = {'run': RunConfig as dict, 'threads': int,
+    'cache': VerifiedCache or None}."""
     cfg = RunConfig.model_validate(config["run"])
     torch.set_num_threads(int(config.get("threads") or 1))
     ctx = ray.train.get_context()
@@ -101,10 +105,11 @@ def train_worker(config: dict) -> None:
         def wrap(model):
             return ray.train.torch.prepare_model(model, move_to_device=False)
     train_process(cfg, ray.train.torch.get_device(), rank, world, _train_report,
-                  ray.train.get_checkpoint(), wrap)
+                  ray.train.get_checkpoint(), config.get("cache"), wrap)
 
 
-def train_in_trial(cfg: RunConfig, scaling: ScalingSettings) -> None:
+def train_in_trial(cfg: RunConfig, scaling: ScalingSettings,
+                   cache: VerifiedCache | None = None) -> None:
     """A single-worker fine-tune inside the Tune trial's own process (which holds the
     worker's CPUs and GPU): no Train controller or worker group to start. Tune restarts a
     failed trial from its last checkpoint (the study's FailureConfig)."""
@@ -117,7 +122,7 @@ def train_in_trial(cfg: RunConfig, scaling: ScalingSettings) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder)
                     if folder else None)
 
-    train_process(cfg, device, 0, 1, report, tune.get_checkpoint())
+    train_process(cfg, device, 0, 1, report, tune.get_checkpoint(), cache)
 
 
 def worker_threads(scaling: ScalingSettings) -> int:
@@ -125,7 +130,8 @@ def worker_threads(scaling: ScalingSettings) -> int:
 
 
 def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, name: str,
-                   callbacks: list | None = None) -> ray.train.Result:
+                   callbacks: list | None = None,
+                   cache: VerifiedCache | None = None) -> ray.train.Result:
     """Run one fine-tune as a Ray Train job (resumes from its last checkpoint when rerun)."""
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -133,7 +139,7 @@ def fit_on_workers(cfg: RunConfig, scaling: ScalingSettings, storage_path: str, 
     threads = worker_threads(scaling)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"run": cfg.model_dump(), "threads": threads},
+        train_loop_config={"run": cfg.model_dump(), "threads": threads, "cache": cache},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),

@@ -115,6 +115,9 @@ def graph_set_from_parts(ids: Sequence[str], parts: list, targets: np.ndarray,
     )
 
 
+VerifiedCache = tuple[str, str]  # (graph cache file, its sha256), checked by the driver
+
+
 def cache_key(task: str, cutoff: float, dtype: torch.dtype, z_table: Sequence[int],
               source: str = "") -> str:
     """Stable key of a graph cache: (task, cutoff, dtype, element table, data source, format)."""
@@ -140,10 +143,12 @@ def save_graph_set(graphs: GraphSet, path: Path) -> None:
     save_checked(payload, path)
 
 
-def load_graph_set(path: Path) -> GraphSet:
+def load_graph_set(path: Path, verified_sha256: str | None = None) -> GraphSet:
     """Memory-mapped: tensor pages are read on demand and shared by every process on the node
-    (trials, DDP workers) through the page cache; only ids and offsets live in each process."""
-    payload = load_checked(path, mmap=True)
+    (trials, DDP workers) through the page cache; only ids and offsets live in each process.
+    With `verified_sha256` (what the study's driver verified) the file is not hashed again:
+    hashing reads every page, which is what memory-mapping avoids."""
+    payload = load_checked(path, verified_sha256, mmap=True)
     if payload.get("format") != CACHE_FORMAT:
         raise ValueError(f"graph cache {path} has format {payload.get('format')}")
     arrays = {name: payload[name] for name in _ARRAYS}
@@ -151,16 +156,29 @@ def load_graph_set(path: Path) -> GraphSet:
     return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]), **arrays)
 
 
-def task_graphs(
-    task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
-    cache_dir: str | Path | None = None, data_dir: str | None = None, progress: bool = True,
-) -> GraphSet:
-    """The graphs of every structure of `task`, from the cache or built once and cached."""
-    from matxfer.data import data_source_id, load_task
+def cache_file(task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
+               cache_dir: str | Path | None = None, data_dir: str | None = None) -> Path:
+    """Where the graph cache of these settings lives (hashes the data file)."""
+    from matxfer.data import data_source_id
 
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     source = data_source_id(task, data_dir)
-    path = folder / f"{task}-{cache_key(task, cutoff, dtype, z_table, source)}.pt"
+    return folder / f"{task}-{cache_key(task, cutoff, dtype, z_table, source)}.pt"
+
+
+def task_graphs(
+    task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
+    cache_dir: str | Path | None = None, data_dir: str | None = None, progress: bool = True,
+    verified: VerifiedCache | None = None,
+) -> GraphSet:
+    """The graphs of every structure of `task`, from the cache or built once and cached.
+    `verified`: (cache file, sha256) the study's driver checked; read as it is."""
+    from matxfer.data import load_task
+
+    if verified is not None:
+        return load_graph_set(Path(verified[0]), verified[1])
+    path = cache_file(task, z_table, cutoff, dtype, cache_dir, data_dir)
+    folder = path.parent
     if path.is_file():
         try:
             return load_graph_set(path)

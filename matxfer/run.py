@@ -22,7 +22,7 @@ from matxfer.checkpoint import build_payload
 from matxfer.config import RunConfig, UserError
 from matxfer.data import fold_split, get_task
 from matxfer.elements import present_elements
-from matxfer.graphs import task_graphs
+from matxfer.graphs import VerifiedCache, task_graphs
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.storage import save_checked
 from matxfer.train import FoldData, TrainResult, fit, loader_options, predict, score
@@ -38,15 +38,18 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True) -> FoldData:
-    """Graphs (cached), official fold with validation split, and a train-split target scaler.
+def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
+                 verified: VerifiedCache | None = None) -> FoldData:
+    """Graphs (cached; `verified`: the cache file the study's driver checked), official fold
+    with validation split, and a train-split target scaler.
 
     With model.restrict_elements, `model` then computes on the task's elements only."""
     spec = get_task(cfg.data.task)
     backbone = model.backbone
     graphs = task_graphs(
         cfg.data.task, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
-        next(backbone.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir, progress)
+        next(backbone.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir, progress,
+        verified)
     if cfg.model.restrict_elements:
         model.restrict_elements(present_elements(graphs.species, graphs.z_table))
     targets = pd.Series(graphs.targets, index=graphs.ids, name="target")

@@ -83,10 +83,21 @@ def verify(path: str | Path) -> None:
                           "the file is truncated or corrupted")
 
 
-def load_checked(path: str | Path, **kwargs: Any) -> Any:
+def recorded_sha256(path: str | Path) -> str | None:
+    """The checksum a file's sidecar records (None without one); reads only the sidecar."""
+    check = sidecar(Path(path))
+    return (check.read_text().split() or [None])[0] if check.is_file() else None
+
+
+def load_checked(path: str | Path, verified_sha256: str | None = None, **kwargs: Any) -> Any:
     """torch.load(weights_only=True) after `verify`: unreadable files raise CorruptFile, files
-    holding other pickled objects UnsafeFile; both name the path."""
-    verify(path)
+    holding other pickled objects UnsafeFile; both name the path. `verified_sha256`: the
+    checksum another process verified this file against; when the sidecar still records it,
+    the file is not hashed again (a worker trusting what its driver checked)."""
+    if verified_sha256 is None:
+        verify(path)
+    elif recorded_sha256(path) != verified_sha256:
+        raise CorruptFile(f"{path} changed since it was verified (sha256 {verified_sha256})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except FileNotFoundError:

@@ -22,7 +22,7 @@ from ray import tune
 from matxfer.config import RunConfig, SearchSpace, StudyConfig, StudyInterrupted, UserError
 from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
-from matxfer.graphs import task_graphs
+from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
 from matxfer.preflight import LOCAL_CPUS, Plan, preflight
 from matxfer.progress import StudyProgress, quiet_ray_output
@@ -37,7 +37,7 @@ from matxfer.scheduling import (
     trial_resources,
 )
 from matxfer.selection import error_line, evaluate_best
-from matxfer.storage import checked_files
+from matxfer.storage import checked_files, recorded_sha256
 from matxfer.tracking import (
     complete_fold_result,
     log_fold_result,
@@ -133,9 +133,10 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
     return cfg
 
 
-def _trial(params: dict, study_json: str, fold: int, run_name: str) -> None:
+def _trial(params: dict, study_json: str, fold: int, run_name: str,
+           cache: VerifiedCache) -> None:
     """Tune trainable: one trial. One worker: trains here; several: launches their Ray Train
-    (DDP) run and waits on it."""
+    (DDP) run and waits on it. `cache`: the graph cache the driver verified."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from matxfer.distributed import fit_on_workers, train_in_trial
@@ -143,11 +144,11 @@ def _trial(params: dict, study_json: str, fold: int, run_name: str) -> None:
     study = StudyConfig.model_validate_json(study_json)
     cfg = trial_run_config(study, fold, params)
     if study.scaling.num_workers == 1:
-        train_in_trial(cfg, study.scaling)
+        train_in_trial(cfg, study.scaling, cache)
         return
     fit_on_workers(cfg, study.scaling, study.storage_path,
                    name=f"{run_name}-train/{tune.get_context().get_trial_id()}",
-                   callbacks=[TuneReportCallback()])
+                   callbacks=[TuneReportCallback()], cache=cache)
 
 
 HISTORY_KEYS = ("lr", "train_loss", "task_loss", "l2sp_term", "bss_term", "seconds",
@@ -229,14 +230,14 @@ def storage_uri(study: StudyConfig) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def make_tuner(study: StudyConfig, fold: int, run_name: str,
-               callbacks: list | None = None) -> tune.Tuner:
+def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | None = None,
+               cache: VerifiedCache | None = None) -> tune.Tuner:
     """A new Tuner for one fold, or the interrupted one of the same study (same fingerprint,
     hence the same `run_name`) restored, finished trials kept."""
     s = study.scaling
     trainable = tune.with_resources(
         tune.with_parameters(_trial, study_json=study.model_dump_json(), fold=fold,
-                             run_name=run_name),
+                             run_name=run_name, cache=cache),
         trial_resources(s.cpus_per_worker, s.use_gpu, s.gpus_per_worker, s.num_workers))
     path = os.path.join(storage_uri(study), run_name)
     if tune.Tuner.can_restore(path):
@@ -292,14 +293,19 @@ def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict |
     return search_alg, None, study.num_samples
 
 
-def build_graph_cache(study: StudyConfig, plan: Plan) -> None:
-    """Build the task's graph cache once in the driver; trials only read it."""
-    task_graphs(study.run.data.task, list(plan.model.atomic_numbers), plan.model.r_max,
-                getattr(torch, study.run.model.dtype), study.run.data.cache_dir,
-                study.run.data.data_dir)
+def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
+    """Build (or load and verify) the task's graph cache once in the driver; trials read it
+    trusting this check (`VerifiedCache`: the file and its checksum)."""
+    d, m = study.run.data, plan.model
+    args = (d.task, list(m.atomic_numbers), m.r_max, getattr(torch, study.run.model.dtype),
+            d.cache_dir, d.data_dir)
+    task_graphs(*args)
+    path = cache_file(*args)
+    return str(path.resolve()), recorded_sha256(path)
 
 
-def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) -> dict:
+def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None,
+             cache: VerifiedCache | None = None) -> dict:
     """One fold's study (resumed if interrupted), then the single test evaluation. Only work
     of the same fingerprint is skipped or resumed: it lives in the study's own folder."""
     done = ident.fold_dir(fold) / "result.json"
@@ -316,7 +322,7 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) 
     name = ident.run_name(fold)
     parent_id = open_parent_run(tracker, study, fold, name, ident.fingerprint) \
         if tracker else None
-    results = fit_fold(study, fold, name, parent_id, tracker)
+    results = fit_fold(study, fold, name, parent_id, tracker, cache)
     finished = results.num_terminated + results.num_errors
     if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
         raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "
@@ -334,7 +340,7 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None) 
 
 
 def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
-             tracker) -> tune.ResultGrid:
+             tracker, cache: VerifiedCache | None = None) -> tune.ResultGrid:
     """Run (or resume) one fold's Tuner with progress lines, the scheduling watchdog and,
     when tracking, live MLflow logging; Ray's own chatter is dropped while it runs."""
     spec = get_task(study.run.data.task)
@@ -348,7 +354,7 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
         callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
     try:
         with quiet_ray_output():  # around building too: Optuna logs at construction
-            return fit_watched(make_tuner(study, fold, name, callbacks))
+            return fit_watched(make_tuner(study, fold, name, callbacks, cache))
     except StudyStalled as err:
         raise UserError(f"fold {fold}: {err}") from None
 
@@ -380,9 +386,9 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     plan.raise_problems()
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
     claim_folder(plan.ident)
-    build_graph_cache(study, plan)
+    cache = build_graph_cache(study, plan)
     init_ray(address)
-    records = [run_fold(study, plan.ident, fold, tracker) for fold in study.folds]
+    records = [run_fold(study, plan.ident, fold, tracker, cache) for fold in study.folds]
     table = summarize(study, plan.ident.folder, records)
     if tracker:
         log_summary(tracker, plan.ident.folder, [plan.ident.run_name(f) for f in table["fold"]])

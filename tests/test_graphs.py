@@ -143,6 +143,28 @@ def test_budget_batches_split_whole_batches_evenly_over_ranks(jdft2d_graphs):
     assert len(seen) == len(set(seen)) and set(seen) <= set(rows)  # disjoint structures
 
 
+def test_a_worker_reads_the_cache_its_driver_verified_without_hashing_anything(
+        backbone, jdft2d_graphs, monkeypatch):
+    """Trials get (cache file, sha256) from the study's driver: neither the cache nor the data
+    file is hashed again (that read every page of a memory-mapped cache in every worker);
+    a cache changed since the check is refused."""
+    from matxfer import data, storage
+    from matxfer.graphs import cache_file
+
+    args = ("matbench_jdft2d", [int(z) for z in backbone.atomic_numbers],
+            float(backbone.r_max), torch.float32)
+    path = cache_file(*args)
+    verified = (str(path), storage.recorded_sha256(path))
+    hashed = []
+    monkeypatch.setattr(storage, "sha256_file", lambda p: hashed.append(p) or "")
+    monkeypatch.setattr(data, "data_source_id", lambda *a: hashed.append(a) or "")
+    graphs = task_graphs(*args, progress=False, verified=verified)
+    assert len(graphs) == len(jdft2d_graphs) == 636 and hashed == []
+    assert torch.equal(graphs.positions, jdft2d_graphs.positions)
+    with pytest.raises(storage.CorruptFile, match="changed since it was verified"):
+        task_graphs(*args, progress=False, verified=(str(path), "0" * 64))
+
+
 def test_a_structure_above_the_budget_trains_in_a_batch_of_its_own(jdft2d_graphs):
     """Every structure of a single-rank epoch is in some batch, the oversize ones alone (a
     one-structure batch used to be dropped from shuffled epochs: never trained on)."""
