@@ -24,6 +24,7 @@ import pandas as pd
 from matxfer import __version__
 from matxfer.config import StudyConfig, UserError
 from matxfer.data import get_task
+from matxfer.scoped_env import scoped_env
 from matxfer.storage import checked_files
 
 DEFAULT_DB = "mlflow.db"
@@ -106,16 +107,17 @@ def learning_curve_png(history: pd.DataFrame, path: Path, metric: str) -> Path:
     return path
 
 
+# MLflow's HTTP layer would retry a dead server for minutes per call, stalling the study:
+# inside Tracker.call it fails fast, and `call` and the metric buffer handle the outage.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
 class Tracker:
     """A thin, retrying wrapper over MlflowClient for one experiment."""
 
     def __init__(self, uri: str, experiment: str, retries: int = 8, backoff_s: float = 2.0):
         from mlflow import MlflowClient
 
-        # MLflow's HTTP layer would retry a dead server for minutes per call, stalling the
-        # study; fail fast there and let `call` and the metric buffer handle the outage.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri, self.retries, self.backoff_s = uri, retries, backoff_s
         self.client = MlflowClient(tracking_uri=uri)
         existing = self.call(self.client.get_experiment_by_name, experiment)
@@ -130,7 +132,8 @@ class Tracker:
         retries = self.retries if _retries is None else _retries
         for attempt in range(retries + 1):
             try:
-                return fn(*args, **kwargs)
+                with scoped_env(FAIL_FAST):
+                    return fn(*args, **kwargs)
             except Exception as err:
                 definite = isinstance(err, MlflowException) and err.error_code in PERMANENT
                 if definite or attempt == retries:

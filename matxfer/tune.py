@@ -36,6 +36,7 @@ from matxfer.scheduling import (
     per_worker_resources,
     trial_resources,
 )
+from matxfer.scoped_env import scoped_env
 from matxfer.selection import error_line, evaluate_best
 from matxfer.storage import checked_files, recorded_sha256
 from matxfer.tracking import (
@@ -46,13 +47,13 @@ from matxfer.tracking import (
     open_parent_run,
 )
 
+# A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
+# machine; a local instance's processes inherit this (a cluster keeps its own settings).
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to a cluster (address or RAY_ADDRESS) or start a local instance, dashboard on."""
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    # Snapshot the experiment state at least every 2 s (Tune's "auto" waits >= 10 s): after a
-    # SIGKILL of the driver, a trial that finished before the last snapshot is not run again.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -60,7 +61,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:  # "local": never attach to a stray cluster named in /tmp/ray
         num_cpus = num_cpus or LOCAL_CPUS  # coordinators take none (scheduling.py)
-        with pinned_local_address():
+        with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                      log_to_driver=False)
@@ -78,17 +79,17 @@ def pinned_local_address():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in pinned}
-    os.environ.update(pinned)
-    try:
+    with scoped_env({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                    override=True):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+def snapshot_env(study: StudyConfig) -> dict[str, str]:
+    """Tune's experiment-state snapshot period while a fold runs: at least every 2 s on local
+    storage (Tune's "auto" waits >= 10 s), so after a SIGKILL of the driver a trial that
+    finished before the last snapshot is not run again; cloud storage keeps "auto" (each
+    snapshot is an upload)."""
+    return {} if "://" in study.storage_path else {"TUNE_GLOBAL_CHECKPOINT_S": "2"}
 
 
 class DefineSpace:
@@ -353,7 +354,7 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
     if tracker:
         callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
     try:
-        with quiet_ray_output():  # around building too: Optuna logs at construction
+        with quiet_ray_output(), scoped_env(snapshot_env(study)):  # Optuna logs when built
             return fit_watched(make_tuner(study, fold, name, callbacks, cache))
     except StudyStalled as err:
         raise UserError(f"fold {fold}: {err}") from None

@@ -1,6 +1,7 @@
 """The search service: config, search space, and a real (tiny) study on a local Ray instance."""
 
 import json
+import os
 
 import numpy as np
 import optuna
@@ -189,6 +190,9 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
             "fold0", f"fold0-{result['fingerprint']}"}
         run_study(study)  # complete now: nothing left to repair
         assert "completed" not in capsys.readouterr().out
+        # the settings given to Tune and Ray were scoped to the study
+        assert not {"TUNE_GLOBAL_CHECKPOINT_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES"} & set(os.environ)
     finally:
         ray.shutdown()
     assert_mlflow_ui_shows_the_study(tmp_path / "mlflow.db", epochs=2, trials=2)
