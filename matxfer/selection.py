@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import torch
 from ray import tune
 
 from matxfer.checkpoint import load_checkpoint
@@ -32,6 +33,13 @@ def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
     return result.checkpoint
 
 
+def evaluation_device(study: StudyConfig) -> torch.device:
+    """Where the selected model meets the test fold: the trials' device type when this process
+    has one (a GPU study on a driver with CUDA), else the CPU."""
+    gpu = study.scaling.use_gpu and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
                   results: tune.ResultGrid) -> dict:
     """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
@@ -48,7 +56,8 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
                                                       study.run.data)
         data = prepare_fold(cfg, model, progress=False)
         data.scaler = scaler
-        y, p = predict(model, data, "test", 64, budget=loader_options(cfg.train, 2))
+        device = evaluation_device(study)
+        y, p = predict(model.to(device), data, "test", 64, device, loader_options(cfg.train, 2))
         record = {
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
             "fingerprint": ident.fingerprint,

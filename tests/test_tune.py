@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from conftest import study_folder, study_identity, write_study_yaml
 
@@ -165,8 +166,11 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
         summary = json.loads((out / "summary.json").read_text())
         assert summary["mean"] == pytest.approx(result["test_mae"]) and summary["std"] == 0.0
         assert list(table["fold"]) == [0]
-        trials = (out / "fold0" / "trials.csv").read_text().splitlines()
-        assert len(trials) == 3  # header + 2 trials
+        trials = pd.read_csv(out / "fold0" / "trials.csv")
+        assert len(trials) == 2
+        best = trials.loc[trials["best_val"].idxmin()]  # the selected trial: best validation
+        assert best["trial_id"] == result["trial_id"]
+        assert best["best_val"] == pytest.approx(result["val_mae"], rel=1e-12)
         # a subset run cannot fill matbench's record (it needs every test id): none is written
         assert summary["matbench_record"] is None
         assert not (out / "matbench_results.json").exists()
@@ -277,6 +281,20 @@ def assert_mlflow_ui_shows_the_study(db, epochs: int, trials: int) -> None:
 
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def test_the_test_fold_is_evaluated_on_the_trials_device_type_when_the_driver_has_it(
+        study_yaml, monkeypatch):
+    import torch
+
+    from matxfer.selection import evaluation_device
+
+    gpu = load_study_config(study_yaml, {"scaling.use_gpu": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluation_device(gpu).type == "cuda"
+    assert evaluation_device(load_study_config(study_yaml)).type == "cpu"  # a CPU study
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluation_device(gpu).type == "cpu"  # a driver without a GPU
 
 
 def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
