@@ -66,23 +66,53 @@ def resolve_models(ref: str) -> list[Path]:
                         f"({str(err).splitlines()[0][:200]})") from None
 
 
-def read_structure(path: Path):
-    """A pymatgen Structure from CIF, POSCAR/CONTCAR/.vasp, extxyz/.xyz or pymatgen JSON."""
+class BadStructure(ValueError):
+    """A structure file that cannot be predicted; the message says why (no type name shown)."""
 
+
+FORMATS = "CIF (.cif), POSCAR/CONTCAR/.vasp, extxyz (.extxyz, .xyz), pymatgen JSON (.json)"
+
+
+def structure_format(path: Path) -> str | None:
+    """The format a file's name says (pymatgen's naming rules), None when it says none."""
+    suffix, name = path.suffix.lower(), path.name.upper()
+    if suffix == ".json":
+        return "pymatgen JSON"
+    if suffix in (".extxyz", ".xyz"):
+        return "extxyz"
+    if suffix == ".cif":
+        return "CIF"
+    if suffix == ".vasp" or "POSCAR" in name or "CONTCAR" in name:
+        return "POSCAR"
+    return None
+
+
+def read_structure(path: Path):
+    """A pymatgen Structure from CIF, POSCAR/CONTCAR/.vasp, extxyz/.xyz or pymatgen JSON;
+    ValueError naming what is wrong with the file otherwise."""
     import warnings
 
-    with warnings.catch_warnings():  # pymatgen warns about harmless CIF omissions on stderr
-        warnings.simplefilter("ignore")
-        return _read_structure(path)
+    if not path.exists():
+        raise BadStructure("does not exist")
+    if path.is_dir():
+        raise BadStructure("is a folder, not a structure file")
+    kind = structure_format(path)
+    if kind is None:
+        raise BadStructure(f"unrecognised file type; allowed: {FORMATS}")
+    try:
+        with warnings.catch_warnings():  # pymatgen warns about harmless CIF omissions
+            warnings.simplefilter("ignore")
+            return _read_structure(path, kind)
+    except Exception as err:
+        raise BadStructure(f"cannot be read as {kind}: {one_line(err)}") from None
 
 
-def _read_structure(path: Path):
+def _read_structure(path: Path, kind: str):
     from pymatgen.core import Structure
 
-    suffix = path.suffix.lower()
-    if suffix == ".json":
+    if kind == "pymatgen JSON":
         return Structure.from_dict(json.loads(path.read_text()))
-    if suffix in (".extxyz", ".xyz"):
+    if kind == "extxyz":
         from ase.io import read
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -97,20 +127,20 @@ MAX_CELL_LENGTH = 500.0  # Å
 
 def check_structure(structure) -> None:
     """Refuse what no fine-tuned model can predict sensibly: empty or degenerate cells,
-    overlapping atoms, huge cells (ValueError with the reason)."""
+    overlapping atoms, huge cells (BadStructure with the reason)."""
     n = len(structure)
     if n == 0:
-        raise ValueError("no atoms")
+        raise BadStructure("no atoms")
     if n > MAX_ATOMS:
-        raise ValueError(f"{n} atoms; at most {MAX_ATOMS} are allowed")
+        raise BadStructure(f"{n} atoms; at most {MAX_ATOMS} are allowed")
     lengths = structure.lattice.abc
     if structure.lattice.volume < 1e-3 or min(lengths) < 1e-3:
-        raise ValueError(f"degenerate cell (volume {structure.lattice.volume:.3g} Å³)")
+        raise BadStructure(f"degenerate cell (volume {structure.lattice.volume:.3g} Å³)")
     if max(lengths) > MAX_CELL_LENGTH:
-        raise ValueError(f"cell vector of {max(lengths):.4g} Å; at most {MAX_CELL_LENGTH} Å")
+        raise BadStructure(f"cell vector of {max(lengths):.4g} Å; at most {MAX_CELL_LENGTH} Å")
     centers, _, _, distances = structure.get_neighbor_list(MIN_DISTANCE)
     if len(centers):
-        raise ValueError(f"atoms {distances.min():.3g} Å apart (overlapping; minimum "
+        raise BadStructure(f"atoms {distances.min():.3g} Å apart (overlapping; minimum "
                          f"{MIN_DISTANCE} Å)")
 
 
@@ -135,7 +165,8 @@ def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet 
 def one_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
-    return (first if isinstance(err, UserError) else f"{type(err).__name__}: {first}")[:300]
+    plain = isinstance(err, (UserError, BadStructure))
+    return (first if plain else f"{type(err).__name__}: {first}")[:300]
 
 
 @torch.no_grad()

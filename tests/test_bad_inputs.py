@@ -79,15 +79,15 @@ FLAGS = [  # argv (OUT is replaced by the output path), expected message
 def structure_files(folder: Path) -> dict[str, str]:
     """Malformed or unusable structure files, with the reason each must give."""
     files = {
-        "empty.cif": ("", ""),
-        "binary.cif": (b"\x89PNG\r\n\x1a\n\x00\x00binary", ""),
-        "not_a_structure.json": ('{"a": 1}', ""),
-        "garbage_POSCAR": ("this is not\na POSCAR file\n", ""),
-        "broken.extxyz": ("2\nLattice=\"nonsense\"\nNa 0 0\n", ""),
+        "empty.cif": ("", "cannot be read as CIF"),
+        "binary.cif": (b"\x89PNG\r\n\x1a\n\x00\x00binary", "cannot be read as CIF"),
+        "not_a_structure.json": ('{"a": 1}', "cannot be read as pymatgen JSON"),
+        "garbage_POSCAR": ("this is not\na POSCAR file\n", "cannot be read as POSCAR"),
+        "broken.extxyz": ("2\nLattice=\"nonsense\"\nNa 0 0\n", "cannot be read as extxyz"),
         "polonium.cif": (CIF_NACL.format(a=5.64, el="Po", x=0.5), "Po"),
         "overlap.cif": (CIF_NACL.format(a=5.64, el="Na", x=0.01), "overlapping"),
         "huge_cell.cif": (CIF_NACL.format(a=5000.0, el="Na", x=0.5), "at most 500"),
-        "notes.txt": ("Na Cl 0 0 0\n", ""),
+        "notes.txt": ("Na Cl 0 0 0\n", "unrecognised file type; allowed: CIF (.cif)"),
     }
     out = {}
     for name, (content, reason) in files.items():
@@ -95,8 +95,8 @@ def structure_files(folder: Path) -> dict[str, str]:
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
         out[str(path)] = reason
     (folder / "a_directory.cif").mkdir()
-    out[str(folder / "a_directory.cif")] = ""
-    out[str(folder / "missing.cif")] = ""
+    out[str(folder / "a_directory.cif")] = "is a folder, not a structure file"
+    out[str(folder / "missing.cif")] = "does not exist"
     return out
 
 
@@ -172,9 +172,8 @@ def test_bad_structure_files_each_refused_with_its_reason(tiny_checkpoint, tmp_p
         proc = runner(["predict", "--model", str(tiny_checkpoint), path, "--out", str(out)],
                       tmp_path)
         assert_refused(proc, f"{path}: ")
-        assert reason in proc.stderr, proc.stderr
+        assert reason and reason in proc.stderr.split(f"{path}: ", 1)[-1], proc.stderr
         assert not out.exists()
-    assert len(CONFIGS) + len(STUDY_CONFIGS) + len(FLAGS) + len(files) >= 25
 
 
 def test_one_good_file_among_bad_ones_is_predicted(tiny_checkpoint, tmp_path):

@@ -92,12 +92,15 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
         no_token = {k: v for k, v in client_env.items() if not k.startswith("RAY_AUTH")}
         wrong = {**client_env, "RAY_AUTH_TOKEN": "0" * 64}
         wrong.pop("RAY_AUTH_TOKEN_PATH")
-        for bad in (no_token, wrong):
+        # Ray's dashboard answers 401 "Missing authentication token" / 403 "Invalid
+        # authentication token" (ray/_private/authentication/http_token_authentication.py)
+        for bad, status, reason in ((no_token, "401", "missing authentication token"),
+                                    (wrong, "403", "invalid authentication token")):
             out = refused(bad, dashboard)
             assert out.returncode != 0, out.stdout[-1000:]
             assert "submitted successfully" not in out.stdout + out.stderr
             text = (out.stdout + out.stderr).lower()
-            assert "401" in text or "unauthorized" in text or "auth" in text, text[-1000:]
+            assert status in text or reason in text, text[-1000:]
     finally:
         subprocess.run(["bash", str(ROOT / "cluster" / "local_cluster.sh"), "stop"], env=env,
                        timeout=120)

@@ -31,7 +31,8 @@ def start_server(folder: Path, port: int, mode: str = "sqlite", **env) -> subpro
     env = {**os.environ, "PORT": str(port), "WORKERS": "1", "DATA_DIR": str(folder),
            "MLFLOW": MLFLOW, **env}
     proc = subprocess.Popen(["bash", str(START_SCRIPT), mode], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: see stop_server
     proc.port = port
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -45,13 +46,25 @@ def start_server(folder: Path, port: int, mode: str = "sqlite", **env) -> subpro
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """Stop the server this test started and its app workers: its process group, by id."""
+    import signal
+
+    group = proc.pid  # start_new_session: the group id is the script's pid
+    os.killpg(group, signal.SIGTERM)
+    deadline = time.time() + 30
+    while time.time() < deadline and _group_alive(group):
+        time.sleep(0.2)
+    if _group_alive(group):
+        os.killpg(group, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _group_alive(group: int) -> bool:
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    subprocess.run(["pkill", "-f", "--", f"--port {proc.port}"], check=False)  # app workers
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture
@@ -166,7 +179,8 @@ def test_postgres_mode_creates_its_database_and_stores_runs(tmp_path):
            "MLFLOW": MLFLOW, "MATXFER_PG_PASSWORD": "ci-only-password",
            "PGDB": "matxfer_test", "PGUSER_NAME": "matxfer_test"}
     proc = subprocess.Popen(["bash", str(START_SCRIPT), "postgres"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     proc.port = port
     try:
         deadline = time.time() + 180

@@ -138,14 +138,29 @@ def test_resume_from_a_mid_run_state_matches_the_uninterrupted_run(backbone, tin
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
 
 
-def test_budget_batches_give_the_same_predictions_and_bound_every_step(tiny_model, tiny_cfg):
+def test_budget_batches_give_the_same_predictions_and_bound_every_step(tiny_model, tiny_cfg,
+                                                                       monkeypatch):
     data = prepare_fold(tiny_cfg, tiny_model, progress=False)
     y, fixed = predict(tiny_model, data, "val", 16)
     _, budget = predict(tiny_model, data, "val", 16, budget={"max_atoms": 20, "max_edges": None})
     assert np.allclose(fixed, budget, rtol=1e-5, atol=1e-6)
-    biggest = int(data.graphs.n_edges[data.rows["train"]].max())  # every structure fits
-    tiny_cfg.train.max_batch_edges, tiny_cfg.train.epochs = biggest, 1
+    edges = data.graphs.n_edges[data.rows["train"]]
+    limit = int(edges.max())  # every structure fits: no batch of one needed
+    tiny_cfg.train.max_batch_edges, tiny_cfg.train.epochs = limit, 1
     steps = schedule_steps(data, tiny_cfg.train, 1)
     assert steps > math.ceil(len(data.rows["train"]) / tiny_cfg.train.batch_size)
+    import matxfer.train as train
+
+    seen = []
+    original = train.iterate_batches
+
+    def recording(*args, **kwargs):  # the batches fit() trains on
+        for batch in original(*args, **kwargs):
+            if kwargs.get("shuffle"):
+                seen.append(int(batch["edge_index"].shape[1]))
+            yield batch
+
+    monkeypatch.setattr(train, "iterate_batches", recording)
     result = fit(tiny_model, data, tiny_cfg, log=None)
     assert math.isfinite(result.history[0]["train_loss"])
+    assert len(seen) == steps and max(seen) <= limit and sum(seen) == int(edges.sum())

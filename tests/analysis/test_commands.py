@@ -10,8 +10,10 @@ from matxfer.cli import main
 
 
 @pytest.mark.slow
-def test_analyze_mi_writes_json_csv_heatmap_and_logs_to_mlflow(tmp_path, capsys):
+def test_analyze_mi_writes_json_csv_heatmap_and_logs_to_mlflow(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
+
+    from matxfer.analysis import mi_analysis
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["analyze", "mi", "--tasks", "matbench_jdft2d", "--max-structures", "40",
@@ -30,7 +32,11 @@ def test_analyze_mi_writes_json_csv_heatmap_and_logs_to_mlflow(tmp_path, capsys)
     runs = client.search_runs([client.get_experiment_by_name("matxfer-analysis").experiment_id])
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {
         "mi.json", "mi.csv", "mi_heatmap.png"}
-    # the second run reads the cached features and gives the same numbers
+    # the second run reads the cached features (no forward pass) and gives the same numbers
+    def no_forward(*args, **kwargs):
+        raise AssertionError("features were computed again instead of read from the cache")
+
+    monkeypatch.setattr(mi_analysis, "pooled_features", no_forward)
     assert main(args[:-2] + ["--tracking-uri", "off", "--out", str(tmp_path / "again")]) == 0
     again = pd.read_csv(tmp_path / "again" / "mi.csv")
     assert again["transrate"].tolist() == pytest.approx(rows["transrate"].tolist())
