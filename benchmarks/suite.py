@@ -158,7 +158,7 @@ print(json.dumps({'structures': n, 'rss_added': rss() - base}))
 def memory(task: str) -> dict:
     """RSS added by holding the task's graph cache in memory, and memory-mapped from disk;
     the mp_e_form (132,752 structures) figure is projected per structure (derived)."""
-    from matxfer.data import TASKS
+    from matxfer.tasks import TASKS
 
     _model_and_graphs(task)  # make sure the cache exists
     from matxfer.graphs import default_cache_dir
@@ -242,7 +242,7 @@ def projection(train_rate: float, forward_rate: float, trials: int = 20, epochs:
     """Wall time of 9 tasks x 5 folds x `trials` trials from the measured CPU rates (derived)
     and an assumed per-GPU rate (an assumption until a GPU run replaces it)."""
     from matxfer.config import AshaSettings
-    from matxfer.data import TASKS
+    from matxfer.tasks import TASKS
 
     asha = AshaSettings()
     per_trial = {"no ASHA": float(epochs),

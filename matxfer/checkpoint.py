@@ -21,8 +21,8 @@ import torch
 from pydantic import ValidationError
 
 from matxfer import __version__
-from matxfer.config import DataConfig, ModelConfig, RunConfig, UserError, format_validation_error
-from matxfer.data import TaskSpec, get_task
+from matxfer.config import DataConfig, ModelConfig, RunConfig, format_validation_error
+from matxfer.errors import UserError
 from matxfer.model import (
     PropertyModel,
     TargetScaler,
@@ -39,6 +39,7 @@ from matxfer.storage import (
     sha256_file,
     verify,
 )
+from matxfer.tasks import TaskSpec, get_task
 
 FORMAT_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from matxfer.config import VARIANTS, StudyInterrupted, UserError
+from matxfer.config import VARIANTS
+from matxfer.errors import StudyInterrupted, UserError
 
 # CLI flag -> dotted config path; every override goes through the same pydantic model.
 TRAIN_FLAGS = {
@@ -145,10 +146,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from matxfer.config import load_config
+    from matxfer.preflight import preflight_run
     from matxfer.run import run_finetune
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TRAIN_FLAGS.items()}
     cfg = load_config(args.config, overrides)
+    preflight_run(cfg)  # files, packages, devices: every problem at once, before any work
     record = run_finetune(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(record, indent=2))
     return 0
@@ -202,7 +205,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from matxfer.data import N_FOLDS, TASKS, get_task, official_fold
+    from matxfer.data import N_FOLDS, official_fold
+    from matxfer.tasks import TASKS, get_task
 
     if args.data_command == "tasks":
         for t in TASKS.values():

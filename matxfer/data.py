@@ -9,47 +9,15 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from matxfer.config import UserError
+from matxfer.errors import UserError
+from matxfer.tasks import get_task
 
 N_FOLDS = 5
 SHARED_DATA = Path("shared") / "data" / "matbench"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One Matbench structure task. `log_target`: default log transform for positive targets."""
-
-    name: str
-    target: str
-    unit: str
-    kind: Literal["regression", "classification"]
-    size: int
-    log_target: bool = False
-
-    @property
-    def metric(self) -> str:
-        return "mae" if self.kind == "regression" else "rocauc"
-
-
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in [
-        TaskSpec("matbench_jdft2d", "exfoliation_en", "meV/atom", "regression", 636, True),
-        TaskSpec("matbench_phonons", "last phdos peak", "cm^-1", "regression", 1265, True),
-        TaskSpec("matbench_dielectric", "n", "unitless", "regression", 4764, True),
-        TaskSpec("matbench_log_gvrh", "log10(G_VRH)", "log10(GPa)", "regression", 10987),
-        TaskSpec("matbench_log_kvrh", "log10(K_VRH)", "log10(GPa)", "regression", 10987),
-        TaskSpec("matbench_perovskites", "e_form", "eV/unit cell", "regression", 18928),
-        TaskSpec("matbench_mp_gap", "gap pbe", "eV", "regression", 106113),
-        TaskSpec("matbench_mp_is_metal", "is_metal", "boolean", "classification", 106113),
-        TaskSpec("matbench_mp_e_form", "e_form", "eV/atom", "regression", 132752),
-    ]
-}
 
 
 @dataclass
@@ -61,12 +29,6 @@ class FoldSplit:
     train: list[str]
     val: list[str]
     test: list[str]
-
-
-def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")
-    return TASKS[name]
 
 
 def default_data_dir() -> Path | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from matxfer.config import UserError
+from matxfer.errors import UserError
 from matxfer.storage import load_checked, save_checked, sidecar
 
 CACHE_FORMAT = 2  # 2: targets stored as a tensor (weights-only loadable)

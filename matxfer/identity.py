@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from matxfer import __version__
-from matxfer.config import StudyConfig, UserError
+from matxfer.config import StudyConfig
+from matxfer.errors import UserError
 
 STUDY_FILE = "study.json"
 

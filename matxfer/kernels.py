@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from matxfer.config import UserError
 from matxfer.elements import _Features
+from matxfer.errors import UserError
 
 _SYMMETRIC = re.compile(r"^products\.(\d+)\.symmetric_contractions\.weight$")
 

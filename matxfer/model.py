@@ -25,7 +25,8 @@ def _import_mace_quietly() -> None:
 
 _import_mace_quietly()
 
-from matxfer.config import ModelConfig, UserError  # noqa: E402
+from matxfer.config import ModelConfig  # noqa: E402
+from matxfer.errors import UserError  # noqa: E402
 
 SMALL_FILE = "2023-12-10-mace-128-L0_energy_epoch-249.model"
 SHARED_MODELS = Path("shared") / "models"

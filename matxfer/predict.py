@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from matxfer.config import RunConfig, UserError
+from matxfer.config import RunConfig
+from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
 from matxfer.model import PropertyModel, TargetScaler
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from matxfer.config import StudyConfig, UserError
-from matxfer.data import get_task, local_data_file
+from matxfer.config import DataConfig, RunConfig, StudyConfig
+from matxfer.data import local_data_file
+from matxfer.errors import UserError
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
+from matxfer.kernels import cueq_available
 from matxfer.model import block_names, resolve_model_path
 from matxfer.run import check_free_space, check_writable
 from matxfer.scheduling import (
@@ -27,6 +29,7 @@ from matxfer.scheduling import (
     fits,
     per_worker_resources,
 )
+from matxfer.tasks import get_task
 from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
 
 MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
@@ -94,6 +97,46 @@ def matminer_url(task: str) -> str:
     return _load_dataset_dict()[task]["url"]
 
 
+def data_problems(data: DataConfig) -> list[str]:
+    """The task's data file is here (data_dir, MATMINER_DATA, ../shared) or downloadable."""
+    if local_data_file(data.task, data.data_dir) is not None:
+        return []
+    if data.data_dir:
+        return [f"data_dir {data.data_dir!r} holds no {data.task}.json.gz"]
+    url = matminer_url(data.task)
+    reason = download_reachable(url)
+    return [f"data for {data.task} is not on this machine and {url} is unreachable "
+            f"({reason}): set MATMINER_DATA or run.data.data_dir"] if reason else []
+
+
+def compute_problems(cfg: RunConfig) -> list[str]:
+    """Packages and devices the run's compute path needs."""
+    problems = []
+    if cfg.model.kernels == "cueq" and not cueq_available():
+        problems.append("model.kernels 'cueq' needs cuequivariance-torch (pip install "
+                        "'matxfer[cueq]'); allowed without it: 'e3nn'")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        problems.append("train.device 'cuda' requested but no CUDA device is available")
+    return problems
+
+
+def preflight_run(cfg: RunConfig) -> ModelFacts:
+    """The checks of one fine-tune (`matxfer train`): data, model, packages, devices; every
+    problem in one UserError. Returns what it learnt of the model."""
+    problems = data_problems(cfg.data) + compute_problems(cfg)
+    facts = None
+    try:
+        facts = model_facts(resolve_model_path(cfg.model.source))
+    except UserError as err:
+        problems.append(str(err))
+    if facts is not None and cfg.strategy.freeze_blocks > facts.n_blocks:
+        problems.append(f"strategy.freeze_blocks {cfg.strategy.freeze_blocks} exceeds the "
+                        f"backbone's {facts.n_blocks} blocks; allowed: 0-{facts.n_blocks}")
+    if problems:
+        raise UserError("; ".join(problems))
+    return facts
+
+
 def check_data(plan: Plan) -> str:
     """The task's data file (its SHA-256), or 'matminer:<task>' when it will be downloaded."""
     data = plan.study.run.data
@@ -104,15 +147,12 @@ def check_data(plan: Plan) -> str:
         plan.add("data", f"{spec.name}: {spec.size} structures ({spec.target}, {spec.unit}), "
                  f"{local} (sha256 {sha[:12]})")
         return sha
+    problems = data_problems(data)
+    plan.problems += problems
     if data.data_dir:
-        plan.problems.append(f"data_dir {data.data_dir!r} holds no {data.task}.json.gz")
         return "missing"
-    url = matminer_url(data.task)
-    reason = download_reachable(url)
-    if reason:
-        plan.problems.append(f"data for {data.task} is not on this machine and {url} is "
-                             f"unreachable ({reason}): set MATMINER_DATA or run.data.data_dir")
-    plan.add("data", f"{spec.name}: {spec.size} structures, downloaded by matminer from {url}")
+    plan.add("data", f"{spec.name}: {spec.size} structures, downloaded by matminer from "
+             f"{matminer_url(data.task)}")
     return f"matminer:{data.task}"
 
 
@@ -247,6 +287,7 @@ def preflight(study: StudyConfig, nodes: list[dict] | None = None) -> Plan:
     plan.ident = identify(study, data_sha, weights_sha)
     plan.lines[0] += f"  fingerprint {plan.ident.fingerprint}"
     describe_search(plan)
+    plan.problems += compute_problems(study.run)
     check_devices(plan, attached=nodes is not None)
     if nodes is not None:
         check_cluster(plan, nodes)

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from matxfer.config import StudyConfig
-from matxfer.data import get_task, load_task, official_fold
+from matxfer.data import load_task, official_fold
+from matxfer.tasks import get_task
 
 
 def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFrame:

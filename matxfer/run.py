@@ -19,13 +19,16 @@ import yaml
 
 from matxfer import __version__
 from matxfer.checkpoint import build_payload
-from matxfer.config import RunConfig, UserError
-from matxfer.data import fold_split, get_task
+from matxfer.config import RunConfig
+from matxfer.data import fold_split
 from matxfer.elements import present_elements
+from matxfer.errors import UserError
 from matxfer.graphs import VerifiedCache, task_graphs
+from matxfer.metrics import score
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.storage import save_checked
-from matxfer.train import FoldData, TrainResult, fit, loader_options, predict, score
+from matxfer.tasks import get_task
+from matxfer.train import FoldData, TrainResult, fit, loader_options, predict
 
 OUTPUT_FILES = ("result.json", "history.csv", "predictions.csv", "checkpoint.pt", "config.yaml")
 

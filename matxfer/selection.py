@@ -13,10 +13,11 @@ from ray import tune
 
 from matxfer.checkpoint import load_checkpoint
 from matxfer.config import StudyConfig
-from matxfer.data import get_task
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.identity import StudyIdentity
-from matxfer.train import loader_options, predict, score
+from matxfer.metrics import score
+from matxfer.tasks import get_task
+from matxfer.train import loader_options, predict
 
 
 def best_checkpoint_file(result) -> ray.train.Checkpoint | None:

@@ -17,8 +17,10 @@ import copy
 import torch
 from torch import nn
 
-from matxfer.config import RunConfig, UserError
+from matxfer.config import RunConfig
+from matxfer.errors import UserError
 from matxfer.graphs import iterate_batches
+from matxfer.metrics import is_better, score, task_loss
 from matxfer.model import PropertyModel, block_index, block_names
 
 
@@ -82,8 +84,6 @@ def linear_probe(model: PropertyModel, data, cfg: RunConfig, device) -> list[dic
     """LP phase of LP-FT: train only the head on frozen features for strategy.lp_epochs epochs;
     keep the head of the best validation epoch. Backbone weights are not touched.
     Returns one row per epoch: lp_epoch, lp_loss, lp_val (validation metric, task units)."""
-    from matxfer.train import is_better, score, task_loss  # train.py imports this module
-
     t = cfg.train
     x_train, y_train = frozen_features(model, data, "train", 2 * t.batch_size, device)
     x_val, y_val = frozen_features(model, data, "val", 2 * t.batch_size, device)

@@ -22,10 +22,11 @@ from typing import Any
 import pandas as pd
 
 from matxfer import __version__
-from matxfer.config import StudyConfig, UserError
-from matxfer.data import get_task
+from matxfer.config import StudyConfig
+from matxfer.errors import UserError
 from matxfer.scoped_env import scoped_env
 from matxfer.storage import checked_files
+from matxfer.tasks import get_task
 
 DEFAULT_DB = "mlflow.db"
 # answers that retrying cannot change (anything else may be a server that is restarting)

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from matxfer.config import RunConfig, TrainConfig
-from matxfer.data import FoldSplit, TaskSpec
+from matxfer.data import FoldSplit
 from matxfer.graphs import GraphSet, epoch_batches, iterate_batches
+from matxfer.metrics import is_better, score, task_loss
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.regularizers import add_l2_sp_grad_, bss_penalty
 from matxfer.strategies import freeze_blocks, linear_probe, param_groups
+from matxfer.tasks import TaskSpec
 
 
 @dataclass
@@ -50,17 +51,6 @@ class TrainResult:
     @property
     def epochs_run(self) -> int:
         return len(self.history)
-
-
-def score(spec: TaskSpec, y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """MAE in task units (regression) or ROC-AUC (classification)."""
-    if spec.kind == "classification":
-        return float(roc_auc_score(y_true.astype(int), y_pred))
-    return float(np.mean(np.abs(y_true - y_pred)))
-
-
-def is_better(spec: TaskSpec, new: float, best: float) -> bool:
-    return new > best if spec.kind == "classification" else new < best
 
 
 def loader_options(t: TrainConfig, factor: int = 1) -> dict[str, int | None]:
@@ -119,13 +109,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def task_loss(spec: TaskSpec, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 in standardised space (regression) or BCE with logits (classification)."""
-    if spec.kind == "classification":
-        return nn.functional.binary_cross_entropy_with_logits(out, target)
-    return nn.functional.l1_loss(out, target)
 
 
 class Objective:

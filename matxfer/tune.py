@@ -19,9 +19,9 @@ import ray
 import torch
 from ray import tune
 
-from matxfer.config import RunConfig, SearchSpace, StudyConfig, StudyInterrupted, UserError
-from matxfer.data import get_task
+from matxfer.config import RunConfig, SearchSpace, StudyConfig
 from matxfer.distributed import CHECKPOINT_FILE
+from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
 from matxfer.preflight import LOCAL_CPUS, Plan, preflight
@@ -39,6 +39,7 @@ from matxfer.scheduling import (
 from matxfer.scoped_env import scoped_env
 from matxfer.selection import error_line, evaluate_best
 from matxfer.storage import checked_files, recorded_sha256
+from matxfer.tasks import get_task
 from matxfer.tracking import (
     complete_fold_result,
     log_fold_result,

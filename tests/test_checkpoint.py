@@ -24,7 +24,8 @@ from matxfer.checkpoint import (
     encode,
     load_checkpoint,
 )
-from matxfer.config import UserError, load_config
+from matxfer.config import load_config
+from matxfer.errors import UserError
 from matxfer.storage import load_checked, plain, save_checked, sha256_file
 
 

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from matxfer.config import UserError, load_config
+from matxfer.config import load_config
+from matxfer.errors import UserError
 from matxfer.graphs import collate
 from matxfer.model import PropertyModel, compile_ready
 from matxfer.run import prepare_fold

@@ -1,6 +1,7 @@
 import pytest
 
-from matxfer.config import UserError, load_config
+from matxfer.config import load_config
+from matxfer.errors import UserError
 
 
 def write(tmp_path, text):

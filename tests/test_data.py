@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import KFold
 
-from matxfer.config import UserError
-from matxfer.data import TASKS, fold_split, load_task, official_fold
+from matxfer.data import fold_split, load_task, official_fold
+from matxfer.errors import UserError
+from matxfer.tasks import TASKS
 
 OFFLINE = ["matbench_jdft2d", "matbench_phonons", "matbench_dielectric"]
 

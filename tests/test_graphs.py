@@ -5,7 +5,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from matxfer.config import UserError
+from matxfer.errors import UserError
 from matxfer.graphs import (
     GraphSet,
     batch_rows,

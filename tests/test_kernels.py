@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from matxfer.config import UserError, load_config
+from matxfer.config import load_config
+from matxfer.errors import UserError
 from matxfer.graphs import collate
 from matxfer.kernels import CueqBackbone
 from matxfer.model import PropertyModel
@@ -66,10 +67,10 @@ def test_cueq_cannot_be_combined_with_element_restriction():
 def test_a_checkpoint_trained_on_cueq_predicts_on_e3nn(pair, tmp_path):
     """Checkpoints hold e3nn weights: predict needs no conversion (nor cuequivariance)."""
     from matxfer.checkpoint import build_payload
-    from matxfer.data import get_task
     from matxfer.model import TargetScaler
     from matxfer.predict import load_predictor
     from matxfer.storage import save_checked
+    from matxfer.tasks import get_task
 
     _, cueq = pair
     cfg = load_config(overrides={"model.kernels": "cueq", "model.head_hidden": [32],

@@ -52,7 +52,7 @@ def test_random_twin_has_identical_architecture_and_new_weights(backbone):
 
 
 def test_missing_model_file_is_a_user_error():
-    from matxfer.config import UserError
+    from matxfer.errors import UserError
 
     with pytest.raises(UserError, match="model file 'nope.model' does not exist"):
         load_backbone("nope.model")

@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from matxfer.cli import main
-from matxfer.config import VARIANTS, UserError, load_config, load_study_config
+from matxfer.config import VARIANTS, load_config, load_study_config
 from matxfer.data import local_data_file
+from matxfer.errors import UserError
 from matxfer.identity import claim_folder, fingerprint, study_settings
 from matxfer.model import resolve_model_path
 from matxfer.preflight import download_reachable, matminer_url, preflight

@@ -86,14 +86,15 @@ def test_frozen_blocks_do_not_move_and_leave_l2sp(model, tiny_cfg):
 
 
 def test_freezing_more_blocks_than_exist_is_a_user_error(model):
-    from matxfer.config import UserError
+    from matxfer.errors import UserError
 
     with pytest.raises(UserError, match="freeze_blocks = 4.*allowed: 0-3"):
         freeze_blocks(model, 4)
 
 
 def test_strategy_variants_and_search_space(tmp_path):
-    from matxfer.config import UserError, load_study_config
+    from matxfer.config import load_study_config
+    from matxfer.errors import UserError
     from matxfer.tune import DefineSpace, trial_run_config
 
     path = tmp_path / "s.yaml"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import study_folder, write_study_yaml
 
-from matxfer.config import UserError
+from matxfer.errors import UserError
 from matxfer.tracking import Tracker, check_reachable
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from matxfer.metrics import score
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
-from matxfer.train import fit, predict, schedule_steps, score
+from matxfer.train import fit, predict, schedule_steps
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from conftest import study_folder, study_identity, write_study_yaml
 
-from matxfer.config import UserError, load_study_config
+from matxfer.config import load_study_config
+from matxfer.errors import UserError
 from matxfer.tune import DefineSpace, trial_run_config
 
 
@@ -123,7 +124,7 @@ def test_variants_are_config_changes(study_yaml):
 def test_every_shipped_study_config_loads():
     from pathlib import Path
 
-    from matxfer.data import TASKS
+    from matxfer.tasks import TASKS
 
     folder = Path(__file__).parents[1] / "tune_configs"
     tasks = set()

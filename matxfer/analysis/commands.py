@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from matxfer.config import UserError
+from matxfer.errors import UserError
 from matxfer.run import write_outputs
 
 

@@ -17,8 +17,9 @@ from matxfer.analysis.drift import (
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
 from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
-from matxfer.config import RunConfig, UserError
+from matxfer.config import RunConfig
 from matxfer.data import fold_split, official_fold, subset_ids
+from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, task_graphs
 from matxfer.model import PropertyModel, build_model
 from matxfer.storage import SIDECAR

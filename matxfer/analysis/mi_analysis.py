@@ -16,10 +16,12 @@ from matxfer.analysis.features import (
 )
 from matxfer.analysis.figures import mi_heatmap
 from matxfer.analysis.mutual_info import EPS2, layer_transrate
-from matxfer.config import ModelConfig, UserError
-from matxfer.data import data_source_id, get_task, subset_ids
+from matxfer.config import ModelConfig
+from matxfer.data import data_source_id, subset_ids
+from matxfer.errors import UserError
 from matxfer.graphs import cache_key, task_graphs
 from matxfer.model import build_model, resolve_model_path
+from matxfer.tasks import get_task
 
 INITS = ("pretrained", "random")
 

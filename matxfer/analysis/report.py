@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from matxfer.config import UserError
-from matxfer.data import get_task
+from matxfer.errors import UserError
+from matxfer.tasks import get_task
 
 # published 5-fold means (Matbench v0.1 leaderboard; JMP-S from the JMP paper)
 MATBENCH_TOP = {"matbench_jdft2d": (33.19, "MODNet"), "matbench_phonons": (28.76, "MegNet"),
