@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,16 +38,18 @@ RESUME_FILE = "resume.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint folder or None)
 
 
-def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int, report: Report):
+def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int, report: Report,
+                  setup: dict[str, float]):
     """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint every epoch:
     the best weights so far (checkpoint.pt, what evaluation and predict read) and the state
     to continue from (resume.pt), each with its checksum. Each report names the Ray node the
-    worker runs on and the epoch this worker group resumed after (0: a fresh start)."""
+    worker runs on, the epoch this worker group resumed after (0: a fresh start), and the
+    seconds it took to build the model and read the fold (`setup`)."""
     node_id = ray.get_runtime_context().get_node_id()
 
     def on_epoch(row: dict, result: TrainResult, state) -> None:
         metrics = {**row, "best_val": result.best_val, "best_epoch": result.best_epoch,
-                   "node_id": node_id, "resumed_from_epoch": resumed_from}
+                   "node_id": node_id, "resumed_from_epoch": resumed_from, **setup}
         if rank != 0:
             report(metrics, None)
             return
@@ -79,14 +82,18 @@ def train_process(cfg: RunConfig, device: torch.device, rank: int, world: int, r
     """One process's share of a fine-tune: build the model, read the fold from the cache the
     driver built and verified, continue from `checkpoint` when there is one, report every
     epoch."""
+    start = time.perf_counter()
     model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
     freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
+    built = time.perf_counter()
     data = prepare_fold(cfg, model, progress=False, verified=cache)
+    setup = {"model_build_s": built - start, "data_load_s": time.perf_counter() - built}
     model.to(device)
     state = resume_state(checkpoint)
+    on_epoch = _report_epoch(model, cfg, data, rank, state["epoch"] if state else 0, report,
+                             setup)
     fit(wrap(model) if wrap else model, data, cfg, device, rank=rank, world_size=world,
-        log=None, resume=state,
-        on_epoch=_report_epoch(model, cfg, data, rank, state["epoch"] if state else 0, report))
+        log=None, resume=state, on_epoch=on_epoch)
 
 
 def _train_report(metrics: dict, folder: str | None) -> None:

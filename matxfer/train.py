@@ -263,8 +263,10 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
                                device, rank, world_size))
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
+        started = time.perf_counter()
         row[metric] = score(spec, *predict(raw, data, "val", t.batch_size * 2, device,
                                            loader_options(t, 2)))
+        row["val_seconds"] = time.perf_counter() - started
         result.history.append(row)
         if is_better(spec, row[metric], result.best_val):
             result.best_val, result.best_epoch = row[metric], epoch

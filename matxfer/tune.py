@@ -264,7 +264,10 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | N
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
-                                    max_concurrent_trials=study.max_concurrent_trials),
+                                    max_concurrent_trials=study.max_concurrent_trials,
+                                    # a trial process (imports, CUDA context) serves the
+                                    # next trial instead of a new one being started
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name, callbacks=callbacks, storage_path=storage_uri(study), verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

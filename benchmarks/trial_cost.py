@@ -1,0 +1,105 @@
+"""What one trial of a study costs besides its training (issue 24), measured side by side in
+one command on this machine:
+
+    .venv/bin/python benchmarks/trial_cost.py [--trials 16]
+
+1. a standalone `matxfer train` (fresh process: imports, model, one epoch, test pass, outputs)
+2. `matxfer tune tune_configs/quickstart.yaml` with 1 and with 4 trials (1 epoch, 48
+   structures, one trial at a time): the cost of each extra trial is (t4 - t1) / 3, and its
+   ratio to (1) is the figure the issue bounds (target <= 0.5)
+3. a 16-trial study of the same size: the share of its wall time spent training or
+   evaluating (target >= 0.5), and where each trial's time goes, from the per-epoch reports
+   (model build, fold load, training epoch, validation, checkpoint + report) and the driver
+
+Every command runs as a user would run it (`.venv/bin/matxfer`), with its own output, Ray
+storage and SQLite tracking store in a temporary folder; the graph cache is built once before
+the timed runs. Writes benchmarks/results/trial_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+MATXFER = str(Path(sys.executable).parent / "matxfer")
+SIZE = ["--epochs", "1", "--max-structures", "48"]
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one command; its output is kept only when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return took
+
+
+def study(trials: int, folder: Path, env: dict[str, str]) -> float:
+    return timed([MATXFER, "tune", "tune_configs/quickstart.yaml", *SIZE,
+                  "--max-concurrent-trials", "1", "--num-samples", str(trials),
+                  "--output-dir", str(folder / "studies"), "--storage-path",
+                  str(folder / "ray")], {**env, "MLFLOW_TRACKING_URI":
+                                         f"sqlite:///{folder / 'mlflow.db'}"})
+
+
+def breakdown(folder: Path, wall: float) -> dict:
+    """Per-trial means of the reported parts, and the share of the wall time spent training
+    or evaluating (training epochs + validation passes of every trial)."""
+    trials = [pd.read_csv(p) for p in folder.glob("ray/*/_trial_*/progress.csv")]
+    n = len(trials)
+    build = sum(t["model_build_s"].iloc[0] for t in trials)
+    load = sum(t["data_load_s"].iloc[0] for t in trials)
+    train_s = sum(t["seconds"].sum() for t in trials)
+    val_s = sum(t["val_seconds"].sum() for t in trials)
+    in_trials = sum(t["time_total_s"].max() for t in trials)  # each trial's own clock
+    parts = {"model_build_s": build / n, "fold_load_s": load / n, "train_epochs_s": train_s / n,
+             "validation_s": val_s / n,
+             "checkpoint_and_report_s": (in_trials - build - load - train_s - val_s) / n,
+             "driver_and_scheduling_s": (wall - in_trials) / n}
+    return {"trials": n, "wall_s": round(wall, 2),
+            "per_trial_s": {k: round(float(v), 3) for k, v in parts.items()},
+            "share_training_or_evaluating": round(float((train_s + val_s) / wall), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "MATXFER_CACHE": str(tmp / "cache")}
+        train = [MATXFER, "train", "--task", "matbench_jdft2d", "--fold", "0", *SIZE, "--quiet"]
+        timed([*train, "--out", str(tmp / "warm")], env)  # builds the graph cache, untimed
+        standalone = timed([*train, "--out", str(tmp / "train")], env)
+        one = study(1, tmp / "one", env)
+        four = study(4, tmp / "four", env)
+        many_wall = study(args.trials, tmp / "many", env)
+        many = breakdown(tmp / "many", many_wall)
+    extra = (four - one) / 3
+    result = {
+        "command": "python benchmarks/trial_cost.py --trials " + str(args.trials),
+        "standalone_train_s": round(standalone, 2), "study_1_trial_s": round(one, 2),
+        "study_4_trials_s": round(four, 2), "extra_trial_s": round(extra, 2),
+        "ratio_extra_trial_vs_standalone": round(extra / standalone, 3),
+        f"study_{args.trials}_trials": many,
+        "targets": {"ratio_extra_trial_vs_standalone": "<= 0.5",
+                    "share_training_or_evaluating": ">= 0.5"},
+    }
+    out = HERE / "results" / "trial_cost.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
