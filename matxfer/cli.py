@@ -180,9 +180,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from matxfer.predict import predict_files
+    from matxfer.preflight import preflight_predict
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    preflight_predict(args.model)
     table = predict_files(args.model, args.files, args.batch_size)
     bad, good = table[table["error"] != ""], table[table["error"] == ""]
     if good.empty:  # one line: every file and why

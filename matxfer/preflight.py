@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from matxfer.checkpoint import CHECKPOINT_FILE
 from matxfer.config import DataConfig, RunConfig, StudyConfig
 from matxfer.data import local_data_file
 from matxfer.errors import UserError
@@ -135,6 +136,17 @@ def preflight_run(cfg: RunConfig) -> ModelFacts:
     if problems:
         raise UserError("; ".join(problems))
     return facts
+
+
+def preflight_predict(ref: str) -> None:
+    """`matxfer predict --model REF`: a checkpoint file, or a folder holding one, or a
+    registered model on a tracking server that answers (checked before any download)."""
+    path = Path(ref)
+    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+        raise UserError(f"--model {ref!r} is a folder without {CHECKPOINT_FILE}; pass a run "
+                        "or fold folder, a checkpoint file, or a registered model NAME[@ALIAS]")
+    if not path.exists():
+        check_reachable(resolve_tracking_uri())
 
 
 def check_data(plan: Plan) -> str:

@@ -73,6 +73,8 @@ FLAGS = [  # argv (OUT is replaced by the output path), expected message
     (["data", "folds", "--task", "matbench_nope"], "unknown task 'matbench_nope'"),
     (["predict", "--model", "no/such/checkpoint", "x.cif", "--out", "OUT"],
      "not a checkpoint path nor a registered model"),
+    (["predict", "--model", "tune_configs", "x.cif", "--out", "OUT"],
+     "--model 'tune_configs' is a folder without checkpoint.pt"),
 ]
 
 
