@@ -7,7 +7,7 @@ between the bench markers of benchmarks/README.md.
 1. training throughput: matxfer loop (L2-SP + BSS on) vs the bare loop, same batches
 2. forward-only feature extraction (the MI path) vs MACE's own forward, same batches
 3. graph cache: build vs load of the same structures
-4. study overhead: trial training time vs the study's wall time (Ray, Tune, MLflow, test pass)
+4. study overhead: an extra trial vs a standalone `matxfer train`; training share (trial_cost.py)
 5. memory: RSS of the dielectric graph cache, loaded and memory-mapped; mp_e_form projected
 6. TorchScript warm-up: first training steps of a fresh process, profiling executor on vs off
 7. element restriction: training with the backbone restricted to the task's elements vs full
@@ -108,34 +108,10 @@ def graph_cache(task: str, structures: int) -> dict:
             "bytes_per_structure": size / len(df)}
 
 
-def study_overhead(epochs: int = 2, structures: int = 48, trials: int = 2) -> dict:
-    """Sum of the trials' epoch times against the wall time of `run_study` (one trial at a
-    time): what Ray start-up, Tune, checkpoints, MLflow and the test pass cost on top."""
-    import ray
-
-    from matxfer.config import load_study_config
-    from matxfer.tune import run_study
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "study.yaml"
-        cfg.write_text(
-            f"folds: [0]\nnum_samples: {trials}\nmax_concurrent_trials: 1\n"
-            f"asha: {{enabled: false}}\nstorage_path: {tmp}/ray\noutput_dir: {tmp}/studies\n"
-            f"tracking: {{uri: 'sqlite:///{tmp}/mlflow.db'}}\n"
-            f"run:\n  data: {{task: matbench_jdft2d, max_structures: {structures}}}\n"
-            f"  train: {{epochs: {epochs}, batch_size: 8, threads: 2}}\n")
-        start = time.perf_counter()
-        try:
-            run_study(load_study_config(cfg))
-        finally:
-            ray.shutdown()
-        wall = time.perf_counter() - start
-        train_s = sum(json.loads(line)["seconds"]
-                      for path in Path(tmp, "ray").glob("*/_trial_*/result.json")
-                      for line in path.read_text().splitlines())
-    return {"trials": trials, "epochs": epochs, "structures": structures,
-            "study_wall_s": wall, "trial_training_s": train_s,
-            "ratio_training_vs_wall": train_s / wall}
+def study_share(result: dict) -> float:
+    """share_training_or_evaluating of the many-trial study in a trial_cost result."""
+    (many,) = [v for k, v in result.items() if k.startswith("study_") and isinstance(v, dict)]
+    return many["share_training_or_evaluating"]
 
 
 MEMORY_PROBE = """
@@ -280,8 +256,11 @@ def markdown(results: dict, command: str) -> str:
         f"{max(f['mace_forward_structures_per_s']):.1f} | **{f['ratio_best']:.2f}** |",
         f"| 3 | graph cache load | {g['load_structures_per_s']:.0f} structures/s | build "
         f"{g['build_structures_per_s']:.0f} | **{g['ratio_load_vs_build']:.0f}x** faster |",
-        f"| 4 | study: trial training time | {s['trial_training_s']:.1f} s | study wall "
-        f"{s['study_wall_s']:.1f} s | **{s['ratio_training_vs_wall']:.2f}** |",
+        f"| 4 | study: cost of one extra 1-epoch trial | {s['extra_trial_s']:.1f} s | "
+        f"standalone `matxfer train` {s['standalone_train_s']:.1f} s | "
+        f"**{s['ratio_extra_trial_vs_standalone']:.2f}** |",
+        f"| 4b | study: training + validation time | {study_share(s):.2f} of the wall time | "
+        f"the whole study | **{study_share(s):.2f}** |",
         f"| 5 | RSS, {m['task']} graphs memory-mapped | {m['rss_added_mmap'] / 2**20:.0f} MiB | "
         f"loaded {m['rss_added_loaded'] / 2**20:.0f} MiB ({m['structures']} structures) | "
         f"**{m['ratio_mmap_vs_loaded']:.2f}** |",
@@ -335,6 +314,7 @@ def main() -> None:
     import batching
     import restriction
     import throughput
+    import trial_cost
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller samples (about 5 min)")
@@ -350,7 +330,7 @@ def main() -> None:
         "throughput": throughput.measure("matbench_phonons", n, 2 if args.quick else 3),
         "forward": forward_extraction("matbench_phonons", 2 * n),
         "graph_cache": graph_cache("matbench_dielectric", n),
-        "study": study_overhead(),
+        "study": trial_cost.measure(8 if args.quick else 16),
         "memory": memory("matbench_dielectric"),
         "warmup": torchscript_warmup(12 if args.quick else 16),
         "restriction": restriction.measure("matbench_phonons", n // 2, 2),
