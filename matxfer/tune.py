@@ -11,16 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import ray
 import torch
 from ray import tune
 
-from matxfer.config import RunConfig, SearchSpace, StudyConfig
-from matxfer.distributed import CHECKPOINT_FILE
+from matxfer.config import StudyConfig
 from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
@@ -37,8 +34,9 @@ from matxfer.scheduling import (
     trial_resources,
 )
 from matxfer.scoped_env import scoped_env
-from matxfer.selection import error_line, evaluate_best
-from matxfer.storage import checked_files, recorded_sha256
+from matxfer.search import search_for, trial_run_config
+from matxfer.selection import evaluate_best
+from matxfer.storage import recorded_sha256
 from matxfer.tasks import get_task
 from matxfer.tracking import (
     complete_fold_result,
@@ -47,6 +45,7 @@ from matxfer.tracking import (
     make_tracker,
     open_parent_run,
 )
+from matxfer.trial_logger import TrialLogger
 
 # A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
 # machine; a local instance's processes inherit this (a cluster keeps its own settings).
@@ -93,48 +92,6 @@ def snapshot_env(study: StudyConfig) -> dict[str, str]:
     return {} if "://" in study.storage_path else {"TUNE_GLOBAL_CHECKPOINT_S": "2"}
 
 
-class DefineSpace:
-    """Optuna define-by-run space: log-uniform λ, η, lr decay (each may be 'off'), lr, and
-    categorical strategy counts. A class, not a closure, so the searcher's state can be
-    pickled for resume."""
-
-    def __init__(self, search: SearchSpace) -> None:
-        self.search = search
-
-    def __call__(self, trial) -> None:
-        switches = self.search.off_point()  # the ranges that have an "off" choice
-        for name in self.search.searched():
-            space = getattr(self.search, name)
-            if isinstance(space, list):
-                trial.suggest_categorical(name, space)
-                continue
-            if f"{name}_on" in switches:
-                if not trial.suggest_categorical(f"{name}_on", [True, False]):
-                    continue
-            trial.suggest_float(name, space.low, space.high, log=True)
-
-
-def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
-    """The run template with this trial's fold and proposed hyperparameters."""
-    cfg = study.run.model_copy(deep=True)
-    cfg.data.fold = fold
-    for name in ("l2sp", "bss"):
-        if getattr(study.search, name) is not None:
-            on = params.get(f"{name}_on", True)
-            setattr(cfg.regularizers, name, float(params[name]) if on else 0.0)
-    if study.search.lr is not None:
-        cfg.train.lr = float(params["lr"])
-        cfg.train.backbone_lr = float(params["lr"]) * study.search.backbone_lr_ratio
-    if study.search.lr_decay is not None and params.get("lr_decay_on", True):
-        cfg.strategy.lr_decay = float(params["lr_decay"])
-    for name in ("freeze_blocks", "lp_epochs"):
-        if getattr(study.search, name) is not None:
-            setattr(cfg.strategy, name, int(params[name]))
-    if study.search.pooling is not None:
-        cfg.model.pooling = params["pooling"]
-    return cfg
-
-
 def _trial(params: dict, study_json: str, fold: int, run_name: str,
            cache: VerifiedCache) -> None:
     """Tune trainable: one trial. One worker: trains here; several: launches their Ray Train
@@ -151,80 +108,6 @@ def _trial(params: dict, study_json: str, fold: int, run_name: str,
     fit_on_workers(cfg, study.scaling, study.storage_path,
                    name=f"{run_name}-train/{tune.get_context().get_trial_id()}",
                    callbacks=[TuneReportCallback()], cache=cache)
-
-
-HISTORY_KEYS = ("lr", "train_loss", "task_loss", "l2sp_term", "bss_term", "seconds",
-                "structures_per_s", "best_val")
-
-
-class TrialLogger(tune.Callback):
-    """Live MLflow logging from the driver: one child run per trial under the fold's parent,
-    per-epoch metrics (history.csv names), then the learning-curve PNG and best checkpoint."""
-
-    def __init__(self, tracker, parent_id: str, study: StudyConfig, fold: int,
-                 run_name: str) -> None:
-        self.tracker, self.parent_id, self.study, self.fold = tracker, parent_id, study, fold
-        self.run_name = run_name
-        self.metric = f"val_{get_task(study.run.data.task).metric}"
-        self.runs: dict[str, str] = {}
-        self.history: dict[str, list[dict]] = {}
-        self.checkpoints: dict[str, str] = {}
-
-    def __getstate__(self) -> dict:  # Tune pickles its run config; the client stays behind
-        return {**self.__dict__, "tracker": None}
-
-    def _run_id(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            cfg = trial_run_config(self.study, self.fold, trial.config)
-            run_id = self.tracker.start_run(
-                f"trial-{trial.trial_id}", {"mlflow.parentRunId": self.parent_id},
-                ("matxfer.trial_id", f"{self.run_name}/{trial.trial_id}"))
-            self.tracker.log_params(run_id, {
-                "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
-                "bss_k": cfg.regularizers.bss_k, "lr": cfg.train.lr,
-                "backbone_lr": cfg.train.backbone_lr, "init": cfg.model.init,
-                "pooling": cfg.model.pooling, "seed": cfg.train.seed,
-                "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-                "workers": self.study.scaling.num_workers, "fold": self.fold,
-                **{f"strategy.{k}": v for k, v in cfg.strategy.model_dump().items()}})
-            self.runs[trial.trial_id] = run_id
-        return self.runs[trial.trial_id]
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        keys = (*HISTORY_KEYS, self.metric)
-        metrics = {k: result[k] for k in keys if k in result}
-        self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
-        self.history.setdefault(trial.trial_id, []).append(
-            {"epoch": result.get("epoch", 0), **metrics})
-        if result.get("checkpoint_path"):
-            self.checkpoints[trial.trial_id] = result["checkpoint_path"]
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from matxfer.tracking import learning_curve_png
-
-        run_id = self._run_id(trial)
-        history = pd.DataFrame(self.history.get(trial.trial_id, []))
-        with tempfile.TemporaryDirectory() as tmp:
-            files: dict = {"history.csv": history}
-            if len(history):
-                files["learning_curve.png"] = learning_curve_png(
-                    history, Path(tmp) / "learning_curve.png", self.metric)
-            self.tracker.log_files(run_id, files)
-        ckpt = self.checkpoints.get(trial.trial_id)  # a DDP trial's Ray Train checkpoint
-        if ckpt is None and trial.checkpoint is not None:  # a one-worker trial's own
-            ckpt = trial.checkpoint.path
-        if ckpt and Path(ckpt, CHECKPOINT_FILE).is_file():
-            self.tracker.log_files(run_id, checked_files(Path(ckpt), CHECKPOINT_FILE),
-                                   "best_checkpoint")
-        self.tracker.end_run(run_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run_id(trial)
-        reason = ""
-        if trial.error_file and Path(trial.error_file).is_file():
-            reason = error_line(Exception(Path(trial.error_file).read_text()))
-        self.tracker.call(self.tracker.client.set_tag, run_id, "error", reason or "failed")
-        self.tracker.end_run(run_id, "FAILED")
 
 
 def storage_uri(study: StudyConfig) -> str:
@@ -275,27 +158,6 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | N
             # this for a DDP trial's worker group)
             failure_config=tune.FailureConfig(max_failures=int(s.num_workers == 1))),
     )
-
-
-def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict | None, int]:
-    """(search algorithm, param space, Tune's num_samples) of a study. A space of choices
-    only is a grid, each combination run once (TPE's random start-up would repeat some,
-    and Optuna's brute-force sampler cannot run ask-and-tell); ranges go to Optuna's TPE."""
-    if not study.search.searched():
-        return None, None, study.num_samples
-    if study.search.grid_size() is not None:
-        grid = {name: tune.grid_search(list(dict.fromkeys(getattr(study.search, name))))
-                for name in study.search.searched()}
-        return None, grid, 1
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampler = optuna.samplers.TPESampler(seed=study.seed + fold)
-    # an enqueued Optuna trial: DefineSpace's suggest calls return its fixed values
-    first = [study.search.first_point()] if study.search.first_point() else None
-    search_alg = OptunaSearch(space=DefineSpace(study.search), metric="best_val", mode=mode,
-                              sampler=sampler, points_to_evaluate=first)
-    return search_alg, None, study.num_samples
 
 
 def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:

@@ -95,7 +95,7 @@ def test_freezing_more_blocks_than_exist_is_a_user_error(model):
 def test_strategy_variants_and_search_space(tmp_path):
     from matxfer.config import load_study_config
     from matxfer.errors import UserError
-    from matxfer.tune import DefineSpace, trial_run_config
+    from matxfer.search import DefineSpace, trial_run_config
 
     path = tmp_path / "s.yaml"
     path.write_text("num_samples: 4\nrun: {data: {task: matbench_jdft2d}}\n")

@@ -11,7 +11,7 @@ from conftest import study_folder, study_identity, write_study_yaml
 
 from matxfer.config import load_study_config
 from matxfer.errors import UserError
-from matxfer.tune import DefineSpace, trial_run_config
+from matxfer.search import DefineSpace, trial_run_config
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_pooling_is_searchable_per_fold(study_yaml):
 def test_first_trial_off_runs_plain_fine_tuning_first_then_tpe(study_yaml):
     """The enqueued all-off point reaches the define-by-run space through Ray's searcher:
     trial 1 is plain fine-tuning, the next ones are proposed by TPE as usual."""
-    from matxfer.tune import search_for
+    from matxfer.search import search_for
 
     study = load_study_config(study_yaml, {"search.first_trial_off": True})
     search_alg, _, _ = search_for(study, 0, "min")
@@ -97,7 +97,7 @@ def test_a_space_of_choices_only_is_a_grid_run_once(study_yaml, variant, choices
     runs each combination once (a Tune grid), not sampled with repeats."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from matxfer.tune import search_for
+    from matxfer.search import search_for
 
     study = load_study_config(study_yaml, variant=variant)
     assert study.num_samples == 2 and study.search.grid_size() == 2
