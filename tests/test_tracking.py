@@ -50,11 +50,15 @@ def stop_server(proc: subprocess.Popen) -> None:
     import signal
 
     group = proc.pid  # start_new_session: the group id is the script's pid
+    if not _group_alive(group):  # stopped already (a test that restarts its server)
+        proc.wait(timeout=30)
+        return
     os.killpg(group, signal.SIGTERM)
-    deadline = time.time() + 30
-    while time.time() < deadline and _group_alive(group):
-        time.sleep(0.2)
-    if _group_alive(group):
+    try:
+        proc.wait(timeout=30)  # the server itself
+    except subprocess.TimeoutExpired:
+        pass
+    if _group_alive(group):  # app workers the server left behind, or a server that hung
         os.killpg(group, signal.SIGKILL)
     proc.wait(timeout=30)
 

@@ -363,15 +363,18 @@ def _recorded_terminated(experiment) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+FAULT_EPOCHS = 8  # a trial lasts long enough for the next one to be caught mid-way
+
+
 def _stop_after(driver, experiment, n_done: int, how) -> dict[str, str]:
-    """Wait until n_done trials finished (both epochs reported, and recorded in the
+    """Wait until n_done trials finished (every epoch reported, and recorded in the
     driver's experiment state), then interrupt the driver with `how`; returns the finished
     trials' result.json texts."""
     import time
 
     def finished() -> dict[str, str]:
-        """Trials whose last reported epoch is the final one. Not "two lines": a trial
-        resumed from its epoch-1 checkpoint after the SIGINT reports epoch 2 only."""
+        """Trials whose last reported epoch is the final one. Not "N lines": a trial
+        resumed from a checkpoint after the SIGINT reports the later epochs only."""
         done = {}
         for path in experiment.glob("_trial_*/result.json"):
             text = path.read_text()
@@ -379,7 +382,7 @@ def _stop_after(driver, experiment, n_done: int, how) -> dict[str, str]:
                 last = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
             except ValueError:  # caught mid-write
                 continue
-            if last.get("epoch") == 2:
+            if last.get("epoch") == FAULT_EPOCHS:
                 done[path.parent.name] = text
         return done
 
@@ -411,7 +414,8 @@ def test_fault_driver_interrupted_then_sigkilled_resumes_without_rerunning_finis
     import subprocess
     import sys
 
-    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3)
+    cfg = write_study_yaml(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", samples=3,
+                           epochs=FAULT_EPOCHS)
     command = [sys.executable, "-m", "matxfer.cli", "tune", str(cfg)]
     ident = study_identity(cfg)
     experiment = tmp_path / "ray" / ident.run_name(0)
