@@ -23,7 +23,8 @@ quickstart: install
 	$(BIN)/matxfer tune tune_configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	# two test files at a time: a study test mostly waits on Ray (xdist, whole files)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: install
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
