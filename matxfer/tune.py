@@ -148,9 +148,10 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | N
         tune_config=tune.TuneConfig(search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=study.max_concurrent_trials,
-                                    # a trial process (imports, CUDA context) serves the
-                                    # next trial instead of a new one being started
-                                    reuse_actors=True),
+                                    # a one-worker trial's process (imports, CUDA
+                                    # context) serves the next trial; a DDP trial's
+                                    # coordinator cannot be reset after its Train run
+                                    reuse_actors=study.scaling.num_workers == 1),
         run_config=tune.RunConfig(
             name=run_name, callbacks=callbacks, storage_path=storage_uri(study), verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
