@@ -197,7 +197,8 @@ def check_cluster(plan: Plan, nodes: list[dict]) -> None:
 def check_devices(plan: Plan, attached: bool) -> None:
     s = plan.study.scaling
     shape = f"CPU {s.cpus_per_worker:g}" + (f", GPU {s.gpus_per_worker:g}" if s.use_gpu else "")
-    backend = "NCCL" if s.use_gpu else "gloo"
+    backend = ("DDP, NCCL" if s.use_gpu else "DDP, gloo") if s.num_workers > 1 else \
+        "in the trial's own process"
     plan.add("workers", f"{s.num_workers} per trial x {{{shape}}} ({backend}), "
              f"{plan.study.max_concurrent_trials} trial(s) at a time")
     local_cpus = LOCAL_CPUS

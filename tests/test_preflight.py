@@ -157,3 +157,11 @@ def test_inside_a_ray_job_relative_locations_are_refused(monkeypatch):
     unpinned_uri = load_study_config(QUICK, {"output_dir": "/shared/studies",
                                              "storage_path": "/shared/ray"})
     assert not [p for p in preflight(unpinned_uri).problems if "Ray job" in p]
+
+
+def test_the_plan_says_how_a_trial_trains_one_worker_in_process_several_with_ddp():
+    quick = ROOT / "tune_configs/quickstart.yaml"
+    one = preflight(load_study_config(quick)).lines
+    two = preflight(load_study_config(quick, {"scaling.num_workers": 2})).lines
+    assert any("1 per trial x {CPU 1} (in the trial's own process)" in line for line in one)
+    assert any("2 per trial x {CPU 1} (DDP, gloo)" in line for line in two)
