@@ -207,7 +207,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from matxfer.data import N_FOLDS, official_fold
+    from matxfer.datasets.matbench import N_FOLDS, official_fold
     from matxfer.tasks import TASKS, get_task
 
     if args.data_command == "tasks":

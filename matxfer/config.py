@@ -6,6 +6,7 @@ Every error surfaces at load time as a :class:`UserError` naming the field and w
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,20 +14,64 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from matxfer.errors import UserError
-from matxfer.tasks import TASKS
+from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
 
 Pooling = Literal["mean", "sum", "max", "mean+max"]
 Init = Literal["pretrained", "random"]
 TargetTransform = Literal["auto", "none", "log"]
+DATASET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SourceFormat = Literal["auto", "extxyz", "ase", "ase-db", "csv", "parquet", "dataframe-json"]
+SplitMethod = Literal["kfold", "group-composition", "group-chemsys", "column"]
+
+
+class SourceConfig(_Strict):
+    """A user's own labelled structures (matxfer.datasets.sources reads them)."""
+
+    path: str = Field(description="extxyz or any file ASE reads, an ASE .db, a CSV/Parquet "
+                      "table with a structure-file column, or a DataFrame JSON (Matbench layout)")
+    format: SourceFormat = Field("auto", description="auto: from the file name")
+    target: str = Field(min_length=1, description="info key, key-value pair or column")
+    id_key: str | None = Field(None, description="ids from this key/column; default: row "
+                               "numbers (row-000001, ...)")
+    structure_column: str = Field("structure", description="CSV/Parquet: structure file "
+                                  "paths (relative to the table); DataFrame JSON: structures")
+    kind: Literal["regression", "classification"] = "regression"
+    unit: str = Field("", description="target unit, shown in results and predictions")
+    log_target: bool = Field(False, description="fit log(target) (needs every target > 0)")
+    skip_bad_rows: bool = Field(False, description="train on the readable rows and list the "
+                                "skipped ones; default: a bad row stops with its reason")
+
+
+class SplitConfig(_Strict):
+    """Outer folds of a user dataset; the inner validation split follows the same rule."""
+
+    method: SplitMethod = Field("kfold", description="kfold (stratified for classification), "
+                                "group-composition / group-chemsys (no reduced formula / "
+                                "chemical system on both sides), column (your fold labels)")
+    k: int = Field(5, ge=2, le=10, description="number of folds")
+    seed: int = 0
+    column: str | None = Field(None, description="method column: the fold-label column/key")
+
+    @model_validator(mode="after")
+    def _column_named(self) -> SplitConfig:
+        if self.method == "column" and not self.column:
+            raise ValueError("split.method 'column' needs split.column (the fold-label key)")
+        return self
+
+
 class DataConfig(_Strict):
-    task: str = "matbench_jdft2d"
-    fold: int = Field(0, ge=0, le=4, description="official Matbench fold, 0-4")
+    task: str = Field("matbench_jdft2d", description="a Matbench task, or your dataset's name "
+                      "(with data.source)")
+    source: SourceConfig | None = Field(None, description="your own data; absent: Matbench")
+    split: SplitConfig | None = Field(None, description="folds of your own data; Matbench "
+                                      "tasks use the official folds")
+    fold: int = Field(0, ge=0, le=9, description="outer fold (Matbench: official fold 0-4)")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="validation share of train fold")
     val_seed: int = 0
     max_structures: int | None = Field(None, ge=1, description="deterministic subset, smoke runs")
@@ -35,9 +80,36 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_task(self) -> DataConfig:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
-        return self  # whether data_dir holds the file is a preflight check
+        if self.source is None:
+            if self.task not in TASKS:
+                raise ValueError(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}, "
+                                 "or your dataset's name with data.source")
+            if self.split is not None:
+                raise ValueError("data.split applies to your own data (data.source); Matbench "
+                                 "tasks use the official folds")
+        elif self.task in TASKS or not DATASET_NAME.fullmatch(self.task):
+            raise ValueError(f"data.task {self.task!r} names your dataset: letters, digits, "
+                             "'_', '.', '-', and not a Matbench task name")
+        if self.fold >= self.n_folds:
+            raise ValueError(f"data.fold {self.fold} is out of range; allowed: "
+                             f"0-{self.n_folds - 1}")
+        return self  # whether the files exist is a preflight check
+
+    @property
+    def n_folds(self) -> int:
+        return N_MATBENCH_FOLDS if self.source is None else self.outer_split.k
+
+    @property
+    def outer_split(self) -> SplitConfig:
+        return self.split or SplitConfig()
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The task: Matbench's registry entry, or the one your data.source describes."""
+        if self.source is None:
+            return TASKS[self.task]
+        s = self.source
+        return TaskSpec(self.task, s.target, s.unit, s.kind, 0, s.log_target, custom=True)
 
 
 class ModelConfig(_Strict):
@@ -296,7 +368,8 @@ class StudyConfig(_Strict):
 
     name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="variant name")
     run: RunConfig = Field(default_factory=RunConfig)
-    folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    folds: list[int] | None = Field(None, description="default: every fold (Matbench 0-4, "
+                                    "your data: 0 to split.k - 1)")
     search: SearchSpace = Field(default_factory=SearchSpace)
     num_samples: int = Field(16, ge=1, description="trials per fold")
     max_concurrent_trials: int = Field(1, ge=1)
@@ -316,9 +389,12 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_folds(self) -> StudyConfig:
-        bad = [f for f in self.folds if f not in range(5)]
+        k = self.run.data.n_folds
+        if self.folds is None:  # not an assignment: that would validate the model again
+            self.__dict__["folds"] = list(range(k))
+        bad = [f for f in self.folds if f not in range(k)]
         if bad or not self.folds or len(set(self.folds)) != len(self.folds):
-            raise ValueError(f"folds must be distinct values in 0-4, got {self.folds}")
+            raise ValueError(f"folds must be distinct values in 0-{k - 1}, got {self.folds}")
         return self
 
 

@@ -1,4 +1,4 @@
-"""pymatgen Structure -> MACE graph; a compact on-disk graph cache; batching.
+"""Structure (pymatgen or ASE) -> MACE graph; a compact on-disk graph cache; batching.
 
 A task's graphs are stored as flat tensors (positions, species, edges, shifts) plus per-structure
 offsets, so a cache of 100k structures is a handful of arrays rather than 100k Python objects.
@@ -14,13 +14,15 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from matxfer.config import DataConfig
+from matxfer.datasets.loading import load_rows, source_id
 from matxfer.errors import UserError
 from matxfer.storage import load_checked, save_checked, sidecar
 
@@ -41,6 +43,7 @@ class GraphSet:
     edge_index: torch.Tensor  # [2, sum edges] int64, local (per-structure) atom indices
     shifts: torch.Tensor  # [sum edges, 3] Å, periodic image shift of each edge
     z_table: tuple[int, ...]
+    skipped: list = field(default_factory=list)  # (id, reason) of rows left out
 
     def __post_init__(self) -> None:
         zero = torch.zeros(1, dtype=torch.long)
@@ -60,8 +63,23 @@ class GraphSet:
         return torch.cat(spans) if spans else self.species[:0]
 
 
+def structure_arrays(structure) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple]:
+    """(atomic numbers [n], positions [n,3] Å, cell [3,3] Å or None, pbc) of a pymatgen
+    Structure (periodic), a pymatgen Molecule or an ase.Atoms (its own pbc)."""
+    if hasattr(structure, "get_atomic_numbers"):  # ase.Atoms
+        pbc = tuple(bool(p) for p in structure.pbc)
+        cell = np.asarray(structure.cell.array, dtype=float) if any(pbc) else None
+        return (np.asarray(structure.numbers), np.asarray(structure.positions, dtype=float),
+                cell, pbc)
+    numbers = np.asarray(structure.atomic_numbers)
+    positions = np.asarray(structure.cart_coords, dtype=float)
+    if not hasattr(structure, "lattice"):  # pymatgen Molecule
+        return numbers, positions, None, (False, False, False)
+    return numbers, positions, np.asarray(structure.lattice.matrix, dtype=float), (True,) * 3
+
+
 def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float):
-    """Neighbour graph of one periodic structure.
+    """Neighbour graph of one structure, periodic along the directions its pbc says.
 
     Returns (species [n], positions [n,3] Å, edge_index [2,E], shifts [E,3] Å).
     Raises UserError naming the structure and element when the model lacks an element.
@@ -69,34 +87,44 @@ def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float)
     from mace.data.neighborhood import get_neighborhood
 
     z_index = {z: i for i, z in enumerate(z_table)}
-    numbers = structure.atomic_numbers
-    unknown = sorted({z for z in numbers if z not in z_index})
+    numbers, positions, cell, pbc = structure_arrays(structure)
+    unknown = sorted({int(z) for z in numbers if int(z) not in z_index})
     if unknown:
-        from pymatgen.core import Element
+        from ase.data import chemical_symbols
 
-        names = ", ".join(Element.from_Z(z).symbol for z in unknown)
+        names = ", ".join(chemical_symbols[z] for z in unknown)
         raise UserError(
             f"structure {mbid}: element {names} is not among the model's {len(z_table)} elements"
         )
-    positions = np.asarray(structure.cart_coords, dtype=float)
-    edge_index, shifts, _, _ = get_neighborhood(
-        positions=positions, cutoff=cutoff, pbc=(True, True, True),
-        cell=np.asarray(structure.lattice.matrix, dtype=float),
-    )
-    species = np.array([z_index[z] for z in numbers], dtype=np.int64)
+    edge_index, shifts, _, _ = get_neighborhood(positions=positions, cutoff=cutoff, pbc=pbc,
+                                                cell=cell)
+    species = np.array([z_index[int(z)] for z in numbers], dtype=np.int64)
     return species, positions, edge_index, shifts
 
 
 def build_graph_set(
     ids: Sequence[str], structures: Sequence, targets: np.ndarray, z_table: Sequence[int],
-    cutoff: float, dtype: torch.dtype, progress: bool = True,
+    cutoff: float, dtype: torch.dtype, progress: bool = True, skip_bad: bool = False,
 ) -> GraphSet:
-    """Build the graphs of every structure, with a progress bar."""
-    parts = []
-    for mbid, structure in tqdm(list(zip(ids, structures)), desc="building graphs",
-                                unit="struct", disable=not progress):
-        parts.append(structure_graph(structure, mbid, z_table, cutoff))
-    return graph_set_from_parts(ids, parts, targets, z_table, dtype)
+    """Build the graphs of every structure, with a progress bar. With `skip_bad`, a structure
+    the model cannot take (an unknown element) is left out and listed in `skipped`."""
+    parts, kept, skipped = [], [], []
+    for i, (mbid, structure) in enumerate(tqdm(list(zip(ids, structures)), unit="struct",
+                                               desc="building graphs", disable=not progress)):
+        try:
+            parts.append(structure_graph(structure, mbid, z_table, cutoff))
+        except UserError as err:
+            if not skip_bad:
+                raise
+            skipped.append((str(mbid), str(err).split(": ", 1)[-1]))
+            continue
+        kept.append(i)
+    if not kept:
+        raise UserError(f"no structure can be used: {skipped[0][0]}: {skipped[0][1]}")
+    graphs = graph_set_from_parts([ids[i] for i in kept], parts,
+                                  np.asarray(targets)[kept], z_table, dtype)
+    graphs.skipped = skipped
+    return graphs
 
 
 def graph_set_from_parts(ids: Sequence[str], parts: list, targets: np.ndarray,
@@ -140,6 +168,8 @@ def save_graph_set(graphs: GraphSet, path: Path) -> None:
     payload["targets"] = torch.as_tensor(np.asarray(graphs.targets, dtype=np.float64))
     payload.update(ids=[str(i) for i in graphs.ids], z_table=[int(z) for z in graphs.z_table],
                    format=CACHE_FORMAT)
+    if graphs.skipped:
+        payload["skipped"] = [list(s) for s in graphs.skipped]
     save_checked(payload, path)
 
 
@@ -153,31 +183,29 @@ def load_graph_set(path: Path, verified_sha256: str | None = None) -> GraphSet:
         raise ValueError(f"graph cache {path} has format {payload.get('format')}")
     arrays = {name: payload[name] for name in _ARRAYS}
     arrays["targets"] = arrays["targets"].numpy()
-    return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]), **arrays)
+    return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]), **arrays,
+                    skipped=[tuple(s) for s in payload.get("skipped", [])])
 
 
-def cache_file(task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
-               cache_dir: str | Path | None = None, data_dir: str | None = None) -> Path:
-    """Where the graph cache of these settings lives (hashes the data file)."""
-    from matxfer.data import data_source_id
-
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    source = data_source_id(task, data_dir)
-    return folder / f"{task}-{cache_key(task, cutoff, dtype, z_table, source)}.pt"
+def cache_file(data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: torch.dtype
+               ) -> Path:
+    """Where the graph cache of this dataset and these settings lives (hashes the data)."""
+    folder = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    source = source_id(data)
+    if data.source is not None:
+        source += f"|skip={data.source.skip_bad_rows}"
+    return folder / f"{data.task}-{cache_key(data.task, cutoff, dtype, z_table, source)}.pt"
 
 
 def task_graphs(
-    task: str, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
-    cache_dir: str | Path | None = None, data_dir: str | None = None, progress: bool = True,
-    verified: VerifiedCache | None = None,
+    data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
+    progress: bool = True, verified: VerifiedCache | None = None,
 ) -> GraphSet:
-    """The graphs of every structure of `task`, from the cache or built once and cached.
+    """The graphs of every structure of the dataset, from the cache or built once and cached.
     `verified`: (cache file, sha256) the study's driver checked; read as it is."""
-    from matxfer.data import load_task
-
     if verified is not None:
         return load_graph_set(Path(verified[0]), verified[1])
-    path = cache_file(task, z_table, cutoff, dtype, cache_dir, data_dir)
+    path = cache_file(data, z_table, cutoff, dtype)
     folder = path.parent
     if path.is_file():
         try:
@@ -186,9 +214,12 @@ def task_graphs(
             warnings.warn(f"rebuilding the graph cache: {err}", stacklevel=2)
             path.unlink(missing_ok=True)
             sidecar(path).unlink(missing_ok=True)
-    df = load_task(task, data_dir)
-    graphs = build_graph_set(list(df.index), list(df["structure"]), df["target"].to_numpy(),
-                             z_table, cutoff, dtype, progress)
+    loaded = load_rows(data)
+    skip = data.source is not None and data.source.skip_bad_rows
+    graphs = build_graph_set(list(loaded.frame.index), list(loaded.frame["structure"]),
+                             loaded.frame["target"].to_numpy(), z_table, cutoff, dtype,
+                             progress, skip)
+    graphs.skipped = loaded.skipped + graphs.skipped
     try:
         save_graph_set(graphs, path)
     except OSError as err:

@@ -32,6 +32,9 @@ NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "stud
            "run.model.kernels", "run.train.threads", "run.train.device", "run.train.compile",
            "run.train.prefetch_batches")
 
+# Sections added after studies were fingerprinted: unset, they leave the fingerprint as it was.
+UNSET_IS_ABSENT = ("run.data.source", "run.data.split")
+
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -52,7 +55,8 @@ def study_settings(study: StudyConfig, data_sha256: str, weights_sha256: str) ->
     """The settings that define the study's results, flattened to dotted keys; the data file
     and the model weights enter by content hash (their paths do not matter)."""
     flat = _flatten(study.model_dump(mode="json"))
-    settings = {k: v for k, v in flat.items() if not _neutral(k)}
+    settings = {k: v for k, v in flat.items() if not _neutral(k)
+                and not (k in UNSET_IS_ABSENT and v is None)}
     settings["data.sha256"] = data_sha256
     settings["model.weights_sha256"] = weights_sha256
     return dict(sorted(settings.items()))

@@ -18,7 +18,8 @@ import torch
 
 from matxfer.checkpoint import CHECKPOINT_FILE
 from matxfer.config import DataConfig, RunConfig, StudyConfig
-from matxfer.data import local_data_file
+from matxfer.datasets.matbench import local_data_file
+from matxfer.datasets.sources import source_format, source_sha256
 from matxfer.errors import UserError
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
 from matxfer.kernels import cueq_available
@@ -30,7 +31,6 @@ from matxfer.scheduling import (
     fits,
     per_worker_resources,
 )
-from matxfer.tasks import get_task
 from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
 
 MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
@@ -99,7 +99,11 @@ def matminer_url(task: str) -> str:
 
 
 def data_problems(data: DataConfig) -> list[str]:
-    """The task's data file is here (data_dir, MATMINER_DATA, ../shared) or downloadable."""
+    """The task's data file is here (data_dir, MATMINER_DATA, ../shared) or downloadable;
+    your own data: its file exists."""
+    if data.source is not None:
+        path = Path(data.source.path)
+        return [] if path.is_file() else [f"data.source.path {str(path)!r} does not exist"]
     if local_data_file(data.task, data.data_dir) is not None:
         return []
     if data.data_dir:
@@ -149,10 +153,34 @@ def preflight_predict(ref: str) -> None:
         check_reachable(resolve_tracking_uri())
 
 
+def check_own_data(plan: Plan, data: DataConfig) -> str:
+    """A user's data file(s): present and readable (their content hash), and how it splits."""
+    src, split = data.source, data.outer_split
+    problems = data_problems(data)
+    if not problems:
+        try:
+            sha = source_sha256(src)
+        except UserError as err:
+            problems.append(str(err))
+        except OSError as err:
+            problems.append(f"data.source {src.path!r}: cannot read {err.filename!r} "
+                            f"({err.strerror})")
+    if problems:
+        plan.problems += problems
+        return "missing"
+    column = f" by {split.column!r}" if split.method == "column" else ""
+    plan.add("data", f"{data.task}: your data {src.path} ({source_format(src)}, target "
+             f"{src.target!r}{', ' + src.unit if src.unit else ''}, {src.kind}; sha256 "
+             f"{sha[:12]}), split {split.method}{column} k={split.k} seed {split.seed}")
+    return sha
+
+
 def check_data(plan: Plan) -> str:
     """The task's data file (its SHA-256), or 'matminer:<task>' when it will be downloaded."""
     data = plan.study.run.data
-    spec = get_task(data.task)
+    if data.source is not None:
+        return check_own_data(plan, data)
+    spec = data.spec
     local = local_data_file(data.task, data.data_dir)
     if local is not None:
         sha = file_sha256(str(local))

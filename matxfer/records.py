@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from matxfer.config import StudyConfig
-from matxfer.data import load_task, official_fold
+from matxfer.datasets.matbench import load_task, official_fold
 from matxfer.tasks import get_task
 
 

@@ -20,14 +20,13 @@ import yaml
 from matxfer import __version__
 from matxfer.checkpoint import build_payload
 from matxfer.config import RunConfig
-from matxfer.data import fold_split
+from matxfer.datasets.loading import fold_split
 from matxfer.elements import present_elements
 from matxfer.errors import UserError
 from matxfer.graphs import VerifiedCache, task_graphs
 from matxfer.metrics import score
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.storage import save_checked
-from matxfer.tasks import get_task
 from matxfer.train import FoldData, TrainResult, fit, loader_options, predict
 
 OUTPUT_FILES = ("result.json", "history.csv", "predictions.csv", "checkpoint.pt", "config.yaml")
@@ -47,17 +46,15 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
     with validation split, and a train-split target scaler.
 
     With model.restrict_elements, `model` then computes on the task's elements only."""
-    spec = get_task(cfg.data.task)
+    spec = cfg.data.spec
     backbone = model.backbone
     graphs = task_graphs(
-        cfg.data.task, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
-        next(backbone.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir, progress,
-        verified)
+        cfg.data, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
+        next(backbone.parameters()).dtype, progress, verified)
     if cfg.model.restrict_elements:
         model.restrict_elements(present_elements(graphs.species, graphs.z_table))
     targets = pd.Series(graphs.targets, index=graphs.ids, name="target")
-    split = fold_split(targets.to_frame(), cfg.data.task, cfg.data.fold, cfg.data.val_fraction,
-                       cfg.data.val_seed, cfg.data.max_structures)
+    split = fold_split(cfg.data, graphs)
     log = {"auto": spec.log_target, "log": True, "none": False}[cfg.model.target_transform]
     y_train = targets.loc[split.train].to_numpy()
     if log and (y_train <= 0).any():

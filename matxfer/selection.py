@@ -16,7 +16,6 @@ from matxfer.config import StudyConfig
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.identity import StudyIdentity
 from matxfer.metrics import score
-from matxfer.tasks import get_task
 from matxfer.train import loader_options, predict
 
 
@@ -46,7 +45,7 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
     """Select the best trial by validation; evaluate its checkpoint once on the test fold."""
     from matxfer.run import prepare_fold
 
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     mode = "max" if spec.kind == "classification" else "min"
     best = results.get_best_result("best_val", mode, scope="last", filter_nan_and_inf=True)
     ckpt = best_checkpoint_file(best) if best is not None else None

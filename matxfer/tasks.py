@@ -1,5 +1,6 @@
-"""The Matbench v0.1 structure tasks: names, targets, units, kinds and sizes (a registry of
-values: config validation checks task names against it)."""
+"""Task specs: the Matbench v0.1 structure tasks (names, targets, units, kinds and sizes, a
+registry of values config validation checks names against); a user dataset's spec comes from
+its config (config.DataConfig.spec)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Literal
 
 from matxfer.errors import UserError
 
+N_MATBENCH_FOLDS = 5
+
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One Matbench structure task. `log_target`: default log transform for positive targets."""
+    """One property task: a Matbench task or a user's dataset (`custom`, size unknown: 0).
+    `log_target`: default log transform for positive targets."""
 
     name: str
     target: str
@@ -19,6 +23,7 @@ class TaskSpec:
     kind: Literal["regression", "classification"]
     size: int
     log_target: bool = False
+    custom: bool = False
 
     @property
     def metric(self) -> str:

@@ -26,7 +26,6 @@ from matxfer.config import StudyConfig
 from matxfer.errors import UserError
 from matxfer.scoped_env import scoped_env
 from matxfer.storage import checked_files
-from matxfer.tasks import get_task
 
 DEFAULT_DB = "mlflow.db"
 # answers that retrying cannot change (anything else may be a server that is restarting)
@@ -235,12 +234,12 @@ def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str,
                     fingerprint: str) -> str:
     """The fold's parent run (reused when the same study resumes: `name` carries the
     fingerprint), with the search space."""
-    from matxfer.data import data_source_id
+    from matxfer.datasets.loading import source_id
     from matxfer.model import resolve_model_path
 
     task = study.run.data.task
     tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
-                                data_source_id(task, study.run.data.data_dir))
+                                source_id(study.run.data))
     tags.update({"variant": study.name, "fold": str(fold), "matxfer.fingerprint": fingerprint})
     run_id = tracker.start_run(name, tags, ("matxfer.study", name))
     tracker.log_params(run_id, {
@@ -256,7 +255,7 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
                     outcome: dict, folder: Path) -> None:
     """Best parameters, test metric and files on the parent run; register the fold's model."""
     record = outcome["record"]
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
     tracker.call(tracker.client.set_tag, parent_id, "best_trial", str(record.get("trial_id")))
     metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from matxfer.config import RunConfig, TrainConfig
-from matxfer.data import FoldSplit
+from matxfer.datasets.splits import FoldSplit
 from matxfer.graphs import GraphSet, epoch_batches, iterate_batches
 from matxfer.metrics import is_better, score, task_loss
 from matxfer.model import PropertyModel, TargetScaler

@@ -37,7 +37,6 @@ from matxfer.scoped_env import scoped_env
 from matxfer.search import search_for, trial_run_config
 from matxfer.selection import evaluate_best
 from matxfer.storage import recorded_sha256
-from matxfer.tasks import get_task
 from matxfer.tracking import (
     complete_fold_result,
     log_fold_result,
@@ -129,7 +128,7 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | N
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         tuner._local_tuner._run_config.callbacks = callbacks  # callbacks are not persisted
         return tuner
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     mode = "max" if spec.kind == "classification" else "min"
     search_alg, param_space, samples = search_for(study, fold, mode)
     scheduler = None
@@ -165,8 +164,7 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
     """Build (or load and verify) the task's graph cache once in the driver; trials read it
     trusting this check (`VerifiedCache`: the file and its checksum)."""
     d, m = study.run.data, plan.model
-    args = (d.task, list(m.atomic_numbers), m.r_max, getattr(torch, study.run.model.dtype),
-            d.cache_dir, d.data_dir)
+    args = (d, list(m.atomic_numbers), m.r_max, getattr(torch, study.run.model.dtype))
     task_graphs(*args)
     path = cache_file(*args)
     return str(path.resolve()), recorded_sha256(path)
@@ -211,7 +209,7 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
              tracker, cache: VerifiedCache | None = None) -> tune.ResultGrid:
     """Run (or resume) one fold's Tuner with progress lines, the scheduling watchdog and,
     when tracking, live MLflow logging; Ray's own chatter is dropped while it runs."""
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     mode = "max" if spec.kind == "classification" else "min"
     s = study.scaling
     callbacks = [StudyProgress(fold, f"val_{spec.metric}", mode, study.num_samples,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from matxfer.analysis.drift import (
@@ -18,7 +17,8 @@ from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
 from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
 from matxfer.config import RunConfig
-from matxfer.data import fold_split, official_fold, subset_ids
+from matxfer.datasets.loading import fold_split
+from matxfer.datasets.matbench import subset_ids
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, task_graphs
 from matxfer.model import PropertyModel, build_model
@@ -73,9 +73,7 @@ def checkpoint_from_run(run_id: str, tracking_uri: str | None, into: Path) -> Pa
 def trained_species(graphs: GraphSet, cfg: RunConfig) -> list[int]:
     """Species (z_table indices) of the structures the run trained on: its fold's training
     split (validation and test structures excluded; max_structures applied)."""
-    targets = pd.DataFrame({"target": graphs.targets}, index=graphs.ids)
-    split = fold_split(targets, cfg.data.task, cfg.data.fold, cfg.data.val_fraction,
-                       cfg.data.val_seed, cfg.data.max_structures)
+    split = fold_split(cfg.data, graphs)
     species = graphs.species_of(graphs.positions_of(split.train))
     return sorted(int(s) for s in torch.unique(species))
 
@@ -89,11 +87,11 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
     names = [n for n, p in start.named_parameters() if p.requires_grad]
     state, state0 = tuned.state_dict(), start.state_dict()
     bb = start.backbone
-    graphs = task_graphs(cfg.data.task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                         next(bb.parameters()).dtype, cfg.data.cache_dir, cfg.data.data_dir,
-                         progress=False)
+    graphs = task_graphs(cfg.data, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+                         next(bb.parameters()).dtype, progress=False)
     present = trained_species(graphs, cfg)
-    train_ids, _ = official_fold(cfg.data.task, cfg.data.fold)
+    split = fold_split(cfg.data, graphs)
+    train_ids = split.train + split.val  # the outer fold's training part
     keep = subset_ids(train_ids, max_structures) or set(train_ids)
     rows = graphs.positions_of([i for i in train_ids if i in keep])
     before = pooled_features(start, graphs, rows, batch_size)

@@ -17,7 +17,7 @@ from matxfer.analysis.features import (
 from matxfer.analysis.figures import mi_heatmap
 from matxfer.analysis.mutual_info import EPS2, layer_transrate
 from matxfer.config import ModelConfig
-from matxfer.data import data_source_id, subset_ids
+from matxfer.datasets.matbench import data_source_id, subset_ids
 from matxfer.errors import UserError
 from matxfer.graphs import cache_key, task_graphs
 from matxfer.model import build_model, resolve_model_path

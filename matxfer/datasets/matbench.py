@@ -6,29 +6,18 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from matxfer.datasets.splits import FoldSplit
 from matxfer.errors import UserError
 from matxfer.tasks import get_task
 
 N_FOLDS = 5
 SHARED_DATA = Path("shared") / "data" / "matbench"
-
-
-@dataclass
-class FoldSplit:
-    """Matbench ids of one official fold, with a validation split carved from its train part."""
-
-    task: str
-    fold: int
-    train: list[str]
-    val: list[str]
-    test: list[str]
 
 
 def default_data_dir() -> Path | None:

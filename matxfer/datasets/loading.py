@@ -1,0 +1,65 @@
+"""What a `data:` section names, whichever kind it is: a Matbench task (official folds, the
+matminer file) or a user's own file (`data.source`, folds by `data.split`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+from matxfer.config import DataConfig, SourceConfig
+from matxfer.datasets import matbench
+from matxfer.datasets.sources import Loaded, load_source, source_sha256
+from matxfer.datasets.splits import (
+    FoldSplit,
+    chemsys_keys,
+    composition_keys,
+    custom_fold_split,
+)
+
+
+def source_id(data: DataConfig) -> str:
+    """Content hash of the data (Matbench: 'matminer' when it will be downloaded)."""
+    if data.source is None:
+        return matbench.data_source_id(data.task, data.data_dir)
+    return source_sha256(data.source)
+
+
+def load_rows(data: DataConfig) -> Loaded:
+    """Every usable row: a frame indexed by id with `structure` and `target` (task units)."""
+    if data.source is None:
+        return Loaded(matbench.load_task(data.task, data.data_dir), [])
+    return load_source(data.source)
+
+
+@lru_cache(maxsize=4)
+def _fold_labels(source_json: str, column: str) -> pd.Series:
+    return load_source(SourceConfig.model_validate_json(source_json), label=column).frame["label"]
+
+
+def split_groups(data: DataConfig, graphs) -> list | None:
+    """What the outer split keeps together, per graph row: reduced formula, chemical system,
+    the user's fold label, or None (kfold)."""
+    method = data.outer_split.method
+    if method == "group-composition":
+        return composition_keys(graphs.n_atoms, graphs.species, graphs.z_table)
+    if method == "group-chemsys":
+        return chemsys_keys(graphs.n_atoms, graphs.species, graphs.z_table)
+    if method == "column":
+        labels = _fold_labels(data.source.model_dump_json(), data.outer_split.column)
+        return [labels[i] for i in graphs.ids]
+    return None
+
+
+def fold_split(data: DataConfig, graphs) -> FoldSplit:
+    """Fold `data.fold` of the dataset with its validation split (`graphs`: its GraphSet)."""
+    targets = pd.Series(graphs.targets, index=graphs.ids, name="target")
+    if data.source is None:
+        return matbench.fold_split(targets.to_frame(), data.task, data.fold, data.val_fraction,
+                                   data.val_seed, data.max_structures)
+    groups = split_groups(data, graphs)
+    keep = matbench.subset_ids(list(graphs.ids), data.max_structures)
+    rows = [r for r, i in enumerate(graphs.ids) if keep is None or i in keep]
+    return custom_fold_split([graphs.ids[r] for r in rows], np.asarray(graphs.targets)[rows],
+                             None if groups is None else [groups[r] for r in rows], data)

@@ -1,0 +1,219 @@
+"""A user's labelled structures, read from the file formats materials people keep them in.
+
+Every reader yields one `Row` per structure, in file order; ids come from the user's id key or
+are row numbers (`row-000001`), so they are stable across reruns. A row that cannot be used
+(unreadable structure, missing or non-finite target) stops the load with one line naming it,
+or, with `skip_bad_rows`, is listed in `Loaded.skipped` and left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from matxfer.config import SourceConfig
+from matxfer.errors import UserError
+
+FORMATS_BY_SUFFIX = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase-db", ".csv": "csv",
+                     ".parquet": "parquet", ".json": "dataframe-json", ".gz": "dataframe-json"}
+
+
+@dataclass
+class Row:
+    """One labelled structure: `structure` an ase.Atoms or a pymatgen Structure; `target` the
+    raw label (checked by `load_source`); `extra` other keys the split may need."""
+
+    id: str
+    structure: Any
+    target: Any
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """The usable rows of a source as a frame (index `id`; columns `structure`, `target` and
+    the split's label column when asked), and the rows left out with their reasons."""
+
+    frame: pd.DataFrame
+    skipped: list[tuple[str, str]]
+
+
+class BadRow(ValueError):
+    """One row cannot be used; the message says why."""
+
+
+def source_format(src: SourceConfig) -> str:
+    if src.format != "auto":
+        return src.format
+    path = Path(src.path)
+    suffix = path.suffix.lower()
+    if suffix == ".gz" and not path.name.lower().endswith(".json.gz"):
+        return "ase"
+    return FORMATS_BY_SUFFIX.get(suffix, "ase")
+
+
+def source_files(src: SourceConfig) -> list[Path]:
+    """Every file the data comes from: the source, and for a table each structure file."""
+    path = Path(src.path)
+    if source_format(src) not in ("csv", "parquet"):
+        return [path]
+    table = read_table(src)
+    return [path] + [path.parent / str(f) for f in table[src.structure_column]]
+
+
+def source_sha256(src: SourceConfig) -> str:
+    """Content hash of the data (the table and the structure files it names), 16 hex digits;
+    the settings that pick the target and ids are part of it."""
+    digest = hashlib.sha256(repr((src.target, src.id_key, src.structure_column,
+                                  source_format(src))).encode())
+    for path in source_files(src):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_table(src: SourceConfig) -> pd.DataFrame:
+    path = Path(src.path)
+    try:
+        table = (pd.read_parquet(path) if source_format(src) == "parquet"
+                 else pd.read_csv(path))
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot read {str(path)!r}: {str(err).splitlines()[0]}") from None
+    for column in (src.target, src.structure_column, src.id_key):
+        if column and column not in table.columns:
+            raise UserError(f"{str(path)!r} has no column {column!r}; columns: "
+                            f"{', '.join(map(str, table.columns))}")
+    return table
+
+
+def _row_id(i: int, value: Any) -> str:
+    return f"row-{i + 1:06d}" if value is None else str(value)
+
+
+def _ase_rows(src: SourceConfig, wanted: tuple[str, ...]) -> Iterator[Row]:
+    from ase.io import iread
+
+    fmt = "extxyz" if source_format(src) == "extxyz" else None
+    try:
+        for i, atoms in enumerate(iread(src.path, index=":", format=fmt)):
+            values = {**(atoms.calc.results if atoms.calc is not None else {}), **atoms.info}
+            yield Row(_row_id(i, values.get(src.id_key) if src.id_key else None), atoms,
+                      values.get(src.target, _MISSING), {k: values.get(k) for k in wanted})
+    except (OSError, ValueError, KeyError, IndexError, StopIteration) as err:
+        raise UserError(f"cannot read {src.path!r}: {err}") from None
+
+
+def _db_rows(src: SourceConfig, wanted: tuple[str, ...]) -> Iterator[Row]:
+    from ase.db import connect
+
+    with connect(src.path) as db:
+        for i, row in enumerate(db.select()):
+            values = {**row.get("data", {}), **row.key_value_pairs}
+            yield Row(_row_id(i, values.get(src.id_key) if src.id_key else None),
+                      row.toatoms(), values.get(src.target, _MISSING),
+                      {k: values.get(k) for k in wanted})
+
+
+def _table_rows(src: SourceConfig, wanted: tuple[str, ...]) -> Iterator[Row]:
+    from ase.io import read
+
+    table = read_table(src)
+    base = Path(src.path).parent
+    for i, record in enumerate(table.to_dict("records")):
+        rid = _row_id(i, record[src.id_key] if src.id_key else None)
+        file = base / str(record[src.structure_column])
+        try:
+            atoms = read(file)
+        except Exception as err:  # ase raises many kinds for a bad file
+            atoms = BadRow(f"structure file {str(file)!r} is missing or unreadable "
+                           f"({type(err).__name__})")
+        yield Row(rid, atoms, record[src.target], {k: record.get(k) for k in wanted})
+
+
+def _frame_rows(src: SourceConfig, wanted: tuple[str, ...]) -> Iterator[Row]:
+    from matminer.utils.io import load_dataframe_from_json
+
+    try:
+        frame = load_dataframe_from_json(src.path, pbar=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {src.path!r}: {err}") from None
+    for column in (src.target, src.structure_column, src.id_key):
+        if column and column not in frame.columns:
+            raise UserError(f"{src.path!r} has no column {column!r}; columns: "
+                            f"{', '.join(map(str, frame.columns))}")
+    for i, record in enumerate(frame.to_dict("records")):
+        yield Row(_row_id(i, record[src.id_key] if src.id_key else None),
+                  record[src.structure_column], record[src.target],
+                  {k: record.get(k) for k in wanted})
+
+
+_MISSING = object()
+READERS = {"extxyz": _ase_rows, "ase": _ase_rows, "ase-db": _db_rows, "csv": _table_rows,
+           "parquet": _table_rows, "dataframe-json": _frame_rows}
+
+
+def checked_target(row: Row, src: SourceConfig) -> float:
+    """The row's target as a float; BadRow when missing, non-numeric or non-finite."""
+    if row.target is _MISSING:
+        raise BadRow(f"no target {src.target!r}")
+    try:
+        value = float(row.target)
+    except (TypeError, ValueError):
+        raise BadRow(f"target {row.target!r} is not a number") from None
+    if not math.isfinite(value):
+        raise BadRow(f"target {row.target!r} is not finite")
+    if src.kind == "classification" and value not in (0.0, 1.0):
+        raise BadRow(f"class label {row.target!r} is not 0/1 or true/false")
+    if src.log_target and value <= 0:
+        raise BadRow(f"target {value!r} is <= 0, which log_target cannot take")
+    return value
+
+
+def load_source(src: SourceConfig, label: str | None = None) -> Loaded:
+    """Read every row; `label`: a key/column to keep (the split's fold labels)."""
+    path = Path(src.path)
+    if not path.is_file():
+        raise UserError(f"data.source.path {src.path!r} does not exist")
+    wanted = (label,) if label else ()
+    ids, structures, targets, labels, skipped = [], [], [], [], []
+    for row in READERS[source_format(src)](src, wanted):
+        try:
+            if isinstance(row.structure, BadRow):
+                raise row.structure
+            y = checked_target(row, src)
+            if label and row.extra.get(label) is None:
+                raise BadRow(f"no fold label {label!r}")
+        except BadRow as err:
+            if not src.skip_bad_rows:
+                raise UserError(f"{src.path}: row {row.id}: {err} (data.source.skip_bad_rows: "
+                                "true trains on the other rows)") from None
+            skipped.append((row.id, str(err)))
+            continue
+        ids.append(row.id)
+        structures.append(row.structure)
+        targets.append(y)
+        labels.append(row.extra.get(label) if label else None)
+    return Loaded(_frame(src, ids, structures, targets, labels if label else None), skipped)
+
+
+def _frame(src: SourceConfig, ids: list, structures: list, targets: list,
+           labels: list | None) -> pd.DataFrame:
+    if not ids:
+        raise UserError(f"{src.path}: no usable rows (target {src.target!r})")
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise UserError(f"{src.path}: id {i!r} appears twice (data.source.id_key "
+                            f"{src.id_key!r} must be unique)")
+        seen.add(i)
+    columns = {"structure": structures, "target": targets}
+    if labels is not None:
+        columns["label"] = labels
+    return pd.DataFrame(columns, index=pd.Index(ids, name="id"))

@@ -1,0 +1,135 @@
+"""Folds of a user dataset: seeded k-fold (stratified for classification), grouped by reduced
+composition or chemical system, or the user's own fold labels; scikit-learn does the splitting.
+
+The inner validation split follows the outer rule: grouped when the outer split is grouped, so
+no formula (or chemical system) is on both sides of the validation split either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import torch
+
+from matxfer.config import DataConfig, SplitConfig
+from matxfer.errors import UserError
+
+
+@dataclass
+class FoldSplit:
+    """Ids of one outer fold: train and validation (carved from the training part) and test."""
+
+    task: str
+    fold: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z]
+
+
+def composition_keys(n_atoms: torch.Tensor, species: torch.Tensor,
+                     z_table: Sequence[int]) -> list[str]:
+    """Reduced formula of each structure, e.g. 'Mo1S2' for Mo2S4 ([N] structures with
+    n_atoms [N] int, species [sum atoms] indices into z_table)."""
+    keys = []
+    for span in torch.split(species, n_atoms.tolist()):
+        zs, counts = np.unique(np.asarray(z_table)[span.numpy()], return_counts=True)
+        div = reduce(math.gcd, counts.tolist())
+        keys.append("".join(f"{_symbol(int(z))}{c // div}" for z, c in zip(zs, counts)))
+    return keys
+
+
+def chemsys_keys(n_atoms: torch.Tensor, species: torch.Tensor,
+                 z_table: Sequence[int]) -> list[str]:
+    """Chemical system of each structure, e.g. 'Mo-S' (elements sorted by symbol)."""
+    return ["-".join(sorted({_symbol(int(z)) for z in np.asarray(z_table)[span.numpy()]}))
+            for span in torch.split(species, n_atoms.tolist())]
+
+
+def outer_folds(targets: np.ndarray, groups: Sequence | None, split: SplitConfig,
+                classification: bool) -> np.ndarray:
+    """[N] fold index (0..k-1) of each row. `groups`: composition/chemsys keys for the group
+    methods, the user's fold labels for 'column', None for kfold."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    n, k = len(targets), split.k
+    if split.method == "column":
+        return _label_folds(groups, k)
+    if n < 2 * k:
+        raise UserError(f"{n} rows cannot make {k} folds (need at least {2 * k}); lower split.k")
+    if classification and len(np.unique(targets)) < 2:
+        raise UserError("classification needs both classes; every row has the same label")
+    labels = targets.astype(int) if classification else None
+    if split.method == "kfold":
+        cv = (StratifiedKFold(k, shuffle=True, random_state=split.seed) if classification
+              else KFold(k, shuffle=True, random_state=split.seed))
+    else:
+        if len(set(groups)) < k:
+            raise UserError(f"split.method {split.method!r}: only {len(set(groups))} distinct "
+                            f"groups, fewer than split.k={k}")
+        cv = (StratifiedGroupKFold(k, shuffle=True, random_state=split.seed) if classification
+              else GroupKFold(k, shuffle=True, random_state=split.seed))
+    folds = np.empty(n, dtype=np.int64)
+    for fold, (_, test) in enumerate(cv.split(np.zeros(n), labels, groups)):
+        folds[test] = fold
+    return folds
+
+
+def _label_folds(labels: Sequence, k: int) -> np.ndarray:
+    """The user's fold labels as 0..k-1 (sorted label order); there must be exactly k."""
+    values = sorted({str(v) for v in labels})
+    if len(values) != k:
+        raise UserError(f"split.method 'column' found {len(values)} fold labels "
+                        f"({', '.join(values[:10])}); split.k is {k}")
+    index = {v: i for i, v in enumerate(values)}
+    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+
+
+def validation_pick(train: list[str], targets: np.ndarray, groups: Sequence | None,
+                    fraction: float, seed: int, classification: bool) -> list[str]:
+    """About `fraction` of `train` for validation: whole groups when grouped, stratified by
+    class for classification, else a seeded random pick. Never empty, never all of train."""
+    rng = np.random.default_rng(seed)
+    n_val = min(max(1, round(fraction * len(train))), len(train) - 1)
+    if groups is not None:
+        names = sorted(set(groups))
+        picked: set = set()
+        for g in (names[i] for i in rng.permutation(len(names))):
+            if sum(1 for x in groups if x in picked) >= n_val:
+                break
+            picked.add(g)
+        val = [i for i, g in zip(train, groups) if g in picked]
+        return val if len(val) < len(train) else val[:n_val]
+    if classification:
+        val: list[str] = []
+        for label in np.unique(targets):
+            members = [i for i, y in zip(train, targets) if y == label]
+            share = max(1, round(n_val * len(members) / len(train)))
+            val += [members[j] for j in rng.permutation(len(members))[:share]]
+        return val
+    return [train[i] for i in rng.permutation(len(train))[:n_val]]
+
+
+def custom_fold_split(ids: list[str], targets: np.ndarray, groups: Sequence | None,
+                      data: DataConfig) -> FoldSplit:
+    """Outer fold `data.fold` of a user dataset with its inner validation split."""
+    split, spec = data.outer_split, data.spec
+    classification = spec.kind == "classification"
+    folds = outer_folds(targets, groups, split, classification)
+    test = [i for i, f in zip(ids, folds) if f == data.fold]
+    rows = [r for r, f in enumerate(folds) if f != data.fold]
+    train = [ids[r] for r in rows]
+    inner_groups = ([groups[r] for r in rows]
+                    if split.method.startswith("group") else None)
+    val = set(validation_pick(train, targets[rows], inner_groups, data.val_fraction,
+                              data.val_seed, classification))
+    return FoldSplit(spec.name, data.fold, [i for i in train if i not in val], sorted(val), test)
