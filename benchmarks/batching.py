@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from matxfer.config import ModelConfig
+from matxfer.config import DataConfig, ModelConfig
 from matxfer.graphs import batch_rows, iterate_batches, task_graphs
 from matxfer.model import build_model
 
@@ -39,7 +39,8 @@ def measure(task: str = "matbench_phonons", structures: int = 160, batch_size: i
             repeats: int = 2) -> dict:
     model = build_model(ModelConfig())
     bb = model.backbone
-    graphs = task_graphs(task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+    graphs = task_graphs(
+        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                          torch.float32, progress=False)
     rows = list(range(structures))
     mean_edges = float(graphs.n_edges[rows].float().mean())

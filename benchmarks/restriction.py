@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from matxfer.config import ModelConfig
+from matxfer.config import DataConfig, ModelConfig
 from matxfer.elements import present_elements
 from matxfer.graphs import GraphSet, iterate_batches, task_graphs
 from matxfer.model import PropertyModel, build_model
@@ -24,7 +24,8 @@ from matxfer.model import PropertyModel, build_model
 
 def _graphs(task: str, model: PropertyModel) -> GraphSet:
     bb = model.backbone
-    return task_graphs(task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+    return task_graphs(
+        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                        next(bb.parameters()).dtype, progress=False)
 
 

@@ -38,13 +38,14 @@ HARDWARE = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
 
 
 def _model_and_graphs(task: str):
-    from matxfer.config import ModelConfig
+    from matxfer.config import DataConfig, ModelConfig
     from matxfer.graphs import task_graphs
     from matxfer.model import build_model
 
     model = build_model(ModelConfig())
     bb = model.backbone
-    graphs = task_graphs(task, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+    graphs = task_graphs(
+        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                          next(bb.parameters()).dtype, progress=False)
     return model, graphs
 
@@ -85,7 +86,7 @@ def forward_extraction(task: str, structures: int, batch_size: int = 64) -> dict
 
 def graph_cache(task: str, structures: int) -> dict:
     """Building graphs (neighbour lists) vs loading the cached GraphSet of the same rows."""
-    from matxfer.data import load_task
+    from matxfer.datasets.matbench import load_task
     from matxfer.graphs import build_graph_set, load_graph_set, save_graph_set
     from matxfer.model import load_backbone
 
@@ -161,12 +162,13 @@ import json, sys, time, torch
 if sys.argv[1] == 'off':
     torch._C._jit_set_profiling_executor(False)
 torch.set_num_threads(int(sys.argv[3]))
-from matxfer.config import ModelConfig
+from matxfer.config import DataConfig, ModelConfig
 from matxfer.graphs import iterate_batches, task_graphs
 from matxfer.model import build_model
 model = build_model(ModelConfig())
 bb = model.backbone
-graphs = task_graphs('matbench_jdft2d', [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+graphs = task_graphs(
+        DataConfig(task='matbench_jdft2d'), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
                      next(bb.parameters()).dtype, progress=False)
 opt = torch.optim.AdamW(model.parameters(), 1e-4)
 times = []

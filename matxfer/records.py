@@ -18,12 +18,15 @@ from matxfer.tasks import get_task
 def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFrame:
     """Per-fold table plus mean ± std of the test metric, written to the study's folder `out`
     (its fold<k>/ hold the per-fold results), with the Matbench record when complete."""
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     table = pd.DataFrame(records)
     test = table[f"test_{spec.metric}"].to_numpy()
-    complete = study.run.data.max_structures is None and sorted(table["fold"]) == list(range(5))
+    complete = (study.run.data.max_structures is None and not spec.custom
+                and sorted(table["fold"]) == list(range(5)))
     summary = {"task": spec.name, "variant": study.name, "metric": f"test_{spec.metric}",
                "matbench_record": "matbench_results.json" if complete else None,
+               **({"matbench_record_note": "your own data: a Matbench record needs a Matbench "
+                   "task and its official folds"} if spec.custom else {}),
                "unit": spec.unit, "folds": table["fold"].tolist(),
                "mean": float(np.mean(test)), "std": float(np.std(test)),
                "per_fold": records}
@@ -71,7 +74,7 @@ def write_matbench_record(task_name: str, folds: dict[int, pd.DataFrame], params
 
 
 def format_summary(table: pd.DataFrame, study: StudyConfig) -> str:
-    spec = get_task(study.run.data.task)
+    spec = study.run.data.spec
     metric = f"test_{spec.metric}"
     lines = [f"{spec.name} [{study.name}]  ({metric}, {spec.unit})",
              f"{'fold':>4}  {'l2sp':>9}  {'bss':>9}  {'val':>9}  {'test':>9}"]

@@ -240,7 +240,8 @@ def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str,
     task = study.run.data.task
     tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
                                 source_id(study.run.data))
-    tags.update({"variant": study.name, "fold": str(fold), "matxfer.fingerprint": fingerprint})
+    tags.update({"variant": study.name, "fold": str(fold), "matxfer.fingerprint": fingerprint,
+                 "unit": study.run.data.spec.unit})
     run_id = tracker.start_run(name, tags, ("matxfer.study", name))
     tracker.log_params(run_id, {
         "search_space": study.search.model_dump_json(), "num_samples": study.num_samples,

@@ -15,7 +15,6 @@ from matxfer.config import StudyConfig
 from matxfer.search import trial_run_config
 from matxfer.selection import error_line
 from matxfer.storage import checked_files
-from matxfer.tasks import get_task
 
 HISTORY_KEYS = ("lr", "train_loss", "task_loss", "l2sp_term", "bss_term", "seconds",
                 "structures_per_s", "best_val")
@@ -29,7 +28,7 @@ class TrialLogger(tune.Callback):
                  run_name: str) -> None:
         self.tracker, self.parent_id, self.study, self.fold = tracker, parent_id, study, fold
         self.run_name = run_name
-        self.metric = f"val_{get_task(study.run.data.task).metric}"
+        self.metric = f"val_{study.run.data.spec.metric}"
         self.runs: dict[str, str] = {}
         self.history: dict[str, list[dict]] = {}
         self.checkpoints: dict[str, str] = {}

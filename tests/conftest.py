@@ -33,9 +33,11 @@ def backbone():
 
 @pytest.fixture(scope="session")
 def jdft2d_graphs(backbone, graph_cache_dir):
+    from matxfer.config import DataConfig
     from matxfer.graphs import task_graphs
 
-    return task_graphs("matbench_jdft2d", [int(z) for z in backbone.atomic_numbers],
+    return task_graphs(
+        DataConfig(task="matbench_jdft2d"), [int(z) for z in backbone.atomic_numbers],
                        float(backbone.r_max), torch.float32, progress=False)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from matxfer.cli import main
-from matxfer.data import default_data_dir
+from matxfer.datasets.matbench import default_data_dir
 
 
 def run_cli(*args):

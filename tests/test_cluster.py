@@ -50,7 +50,7 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
 
     from mlflow import MlflowClient
 
-    from matxfer.data import default_data_dir
+    from matxfer.datasets.matbench import default_data_dir
     from matxfer.model import resolve_model_path
 
     base = free_port_block()

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import KFold
 
-from matxfer.data import fold_split, load_task, official_fold
+from matxfer.datasets.matbench import fold_split, load_task, official_fold
 from matxfer.errors import UserError
 from matxfer.tasks import TASKS
 
@@ -77,7 +77,7 @@ def test_an_empty_subset_is_a_user_error():
 def test_classification_validation_split_is_stratified(monkeypatch):
     ids = [f"mb-mp-is-metal-{i:06d}" for i in range(1, 101)]
     labels = pd.DataFrame({"target": [1.0] * 20 + [0.0] * 80}, index=ids)
-    monkeypatch.setattr("matxfer.data.official_fold", lambda task, fold: (ids, ["x"]))
+    monkeypatch.setattr("matxfer.datasets.matbench.official_fold", lambda task, fold: (ids, ["x"]))
     split = fold_split(labels, "matbench_mp_is_metal", 0, val_fraction=0.2)
     val_labels = labels.loc[split.val, "target"]
     assert len(split.val) == 20

@@ -9,11 +9,13 @@ from conftest import study_folder, study_identity, write_study_yaml
 
 BUILD = """
 import sys, torch
+from matxfer.config import DataConfig
 from matxfer.graphs import task_graphs
 from matxfer.model import load_backbone
 bb = load_backbone("small", "pretrained", 0, torch.float32)
-g = task_graphs("matbench_jdft2d", [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                torch.float32, sys.argv[1], progress=False)
+g = task_graphs(DataConfig(task="matbench_jdft2d", cache_dir=sys.argv[1]),
+                [int(z) for z in bb.atomic_numbers], float(bb.r_max), torch.float32,
+                progress=False)
 print(len(g))
 """
 
@@ -80,9 +82,11 @@ def test_fault_corrupted_graph_cache_is_detected_and_rebuilt(tmp_path, jdft2d_gr
     rebuilt from the structures and matches the original."""
     import torch
 
+    from matxfer.config import DataConfig
     from matxfer.graphs import task_graphs
 
-    args = ("matbench_jdft2d", list(jdft2d_graphs.z_table), 6.0, torch.float32, tmp_path)
+    args = (DataConfig(task="matbench_jdft2d", cache_dir=str(tmp_path)),
+            list(jdft2d_graphs.z_table), 6.0, torch.float32)
     task_graphs(*args, progress=False)
     (cache,) = tmp_path.glob("*.pt")
     damage(cache, "one flipped bit")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
+from matxfer.config import DataConfig
 from matxfer.errors import UserError
 from matxfer.graphs import (
     GraphSet,
@@ -61,21 +62,25 @@ def test_cache_round_trip_is_exact(tmp_path, jdft2d_graphs):
         assert torch.equal(getattr(again, name), getattr(jdft2d_graphs, name))
 
 
+def jdft2d_in(cache_dir) -> DataConfig:
+    return DataConfig(task="matbench_jdft2d", cache_dir=str(cache_dir))
+
+
 def test_cache_is_built_once_and_reused(tmp_path, backbone, monkeypatch):
     z = [int(x) for x in backbone.atomic_numbers]
-    first = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    first = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
     files = list(tmp_path.glob("matbench_jdft2d-*.pt"))
     assert len(files) == 1
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached task must not be loaded again")
 
-    monkeypatch.setattr("matxfer.data.load_task", no_loading)
-    second = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    monkeypatch.setattr("matxfer.datasets.matbench.load_task", no_loading)
+    second = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
     assert torch.equal(first.positions, second.positions)
     # another dtype or cutoff is another cache entry
     with pytest.raises(AssertionError, match="must not be loaded"):
-        task_graphs("matbench_jdft2d", z, 5.0, torch.float32, tmp_path, progress=False)
+        task_graphs(jdft2d_in(tmp_path), z, 5.0, torch.float32, progress=False)
 
 
 def test_a_killed_write_leaves_no_cache_file(tmp_path, jdft2d_graphs, monkeypatch):
@@ -90,10 +95,10 @@ def test_a_killed_write_leaves_no_cache_file(tmp_path, jdft2d_graphs, monkeypatc
 
 def test_a_corrupt_cache_is_rebuilt(tmp_path, backbone):
     z = [int(x) for x in backbone.atomic_numbers]
-    task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
     path = next(tmp_path.glob("*.pt"))
     path.write_bytes(path.read_bytes()[:1000])  # truncated
-    graphs = task_graphs("matbench_jdft2d", z, 6.0, torch.float32, tmp_path, progress=False)
+    graphs = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
     assert len(graphs) == 636
 
 
@@ -148,16 +153,17 @@ def test_a_worker_reads_the_cache_its_driver_verified_without_hashing_anything(
     """Trials get (cache file, sha256) from the study's driver: neither the cache nor the data
     file is hashed again (that read every page of a memory-mapped cache in every worker);
     a cache changed since the check is refused."""
-    from matxfer import data, storage
+    from matxfer import storage
+    from matxfer.datasets import matbench
     from matxfer.graphs import cache_file
 
-    args = ("matbench_jdft2d", [int(z) for z in backbone.atomic_numbers],
+    args = (DataConfig(task="matbench_jdft2d"), [int(z) for z in backbone.atomic_numbers],
             float(backbone.r_max), torch.float32)
     path = cache_file(*args)
     verified = (str(path), storage.recorded_sha256(path))
     hashed = []
     monkeypatch.setattr(storage, "sha256_file", lambda p: hashed.append(p) or "")
-    monkeypatch.setattr(data, "data_source_id", lambda *a: hashed.append(a) or "")
+    monkeypatch.setattr(matbench, "data_source_id", lambda *a: hashed.append(a) or "")
     graphs = task_graphs(*args, progress=False, verified=verified)
     assert len(graphs) == len(jdft2d_graphs) == 636 and hashed == []
     assert torch.equal(graphs.positions, jdft2d_graphs.positions)

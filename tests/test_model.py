@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from matxfer.data import load_task
+from matxfer.datasets.matbench import load_task
 from matxfer.graphs import collate
 from matxfer.model import PropertyModel, TargetScaler, load_backbone, pool
 

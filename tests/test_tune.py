@@ -302,7 +302,7 @@ def test_matbench_record_has_every_test_id_of_every_fold(tmp_path):
     import pandas as pd
     from matbench.bench import MatbenchBenchmark
 
-    from matxfer.data import load_task, official_fold
+    from matxfer.datasets.matbench import load_task, official_fold
     from matxfer.records import write_matbench_record
 
     folds, params = {}, {}
@@ -332,7 +332,7 @@ def test_matbench_record_scores_against_the_studys_own_data_dir(tmp_path):
     import pandas as pd
     from matbench.bench import MatbenchBenchmark
 
-    from matxfer.data import local_data_file, matbench_ids, official_fold
+    from matxfer.datasets.matbench import local_data_file, matbench_ids, official_fold
     from matxfer.records import write_matbench_record
 
     # the file's own layout (pandas "split": columns, data rows), targets shifted by +100

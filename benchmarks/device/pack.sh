@@ -23,7 +23,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   pytz==2026.6
 MODEL=$($BIN/python -c "from matxfer.model import resolve_model_path; print(resolve_model_path('small'))")
 gzip -c "$MODEL" > ".device/$(basename "$MODEL").gz"
-DATA=$($BIN/python -c "from matxfer.data import local_data_file; print(local_data_file('matbench_phonons'))")
+DATA=$($BIN/python -c "from matxfer.datasets.matbench import local_data_file; print(local_data_file('matbench_phonons'))")
 cp "$DATA" .device/data/
 for dtype in float32 float64; do  # the caches speed_paths.py reads (built here if missing)
   path=$($BIN/python - "$dtype" <<'PY'
@@ -34,13 +34,11 @@ from matxfer.graphs import task_graphs
 from matxfer.model import build_model
 cfg = load_config(overrides={"data.task": "matbench_phonons", "model.dtype": sys.argv[1]})
 bb = build_model(cfg.model).backbone
-g = task_graphs("matbench_phonons", [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                getattr(torch, sys.argv[1]), None, None, False)
-from matxfer.graphs import cache_key, default_cache_dir
-from matxfer.data import data_source_id
-key = cache_key("matbench_phonons", float(bb.r_max), getattr(torch, sys.argv[1]),
-                [int(z) for z in bb.atomic_numbers], data_source_id("matbench_phonons"))
-print(default_cache_dir() / f"matbench_phonons-{key}.pt")
+args = (cfg.data, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
+        getattr(torch, sys.argv[1]))
+task_graphs(*args, progress=False)
+from matxfer.graphs import cache_file
+print(cache_file(*args))
 PY
 )
   gzip -c "$path" > ".device/graphs/$(basename "$path").gz"

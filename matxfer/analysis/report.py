@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from matxfer.errors import UserError
-from matxfer.tasks import get_task
+from matxfer.tasks import TASKS
 
 # published 5-fold means (Matbench v0.1 leaderboard; JMP-S from the JMP paper)
 MATBENCH_TOP = {"matbench_jdft2d": (33.19, "MODNet"), "matbench_phonons": (28.76, "MegNet"),
@@ -25,6 +25,19 @@ VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
 # strategies beyond the paper: a column each, shown when the experiment holds such runs
 STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze"}
 CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
+METRICS = ("mae", "rocauc")  # regression, classification
+
+
+def stored_metric(task: str, values: dict) -> str | None:
+    """The task's test metric name: Matbench's registry, else the one the run recorded
+    (a user dataset's kind lives in its config, not in a registry)."""
+    if task in TASKS:
+        return TASKS[task].metric
+    return next((m for m in METRICS if f"test_{m}" in values), None)
+
+
+def stored_unit(task: str, unit: str | None) -> str:
+    return TASKS[task].unit if task in TASKS else (unit or "")
 
 
 def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
@@ -40,15 +53,17 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
         tags, metrics = run.data.tags, run.data.metrics
         if "mlflow.parentRunId" in tags or "task" not in tags:
             continue
-        metric = f"test_{get_task(tags['task']).metric}"
+        name = stored_metric(tags["task"], metrics)
+        metric = f"test_{name}"
         if metric in metrics:
-            rows.append({"task": tags["task"], "variant": tags["variant"],
+            rows.append({"task": tags["task"], "variant": tags["variant"], "metric": name,
+                         "unit": stored_unit(tags["task"], tags.get("unit")),
                          "fold": int(tags["fold"]), "test": metrics[metric],
                          "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                          "best_trial": tags.get("best_trial", ""),
                          "subset": run.data.params.get("max_structures", "None") != "None"})
-    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial",
-               "subset"]
+    columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
+               "best_trial", "subset"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -64,12 +79,14 @@ def collect_results(results_dir: Path) -> pd.DataFrame:
                         f"<task>/<variant>/<fingerprint>/fold<k>/result.json, as `matxfer "
                         "tune` writes")
     rows = []
-    paths = [*results_dir.glob("*/*/*/fold[0-4]/result.json"),
-             *results_dir.glob("*/*/fold[0-4]/result.json")]
+    paths = [*results_dir.glob("*/*/*/fold[0-9]/result.json"),
+             *results_dir.glob("*/*/fold[0-9]/result.json")]
     for path in sorted(paths):
         record = json.loads(path.read_text())
-        metric = f"test_{get_task(record['task']).metric}"
-        rows.append({"task": record["task"], "variant": record["variant"],
+        name = stored_metric(record["task"], record)
+        metric = f"test_{name}"
+        rows.append({"task": record["task"], "variant": record["variant"], "metric": name,
+                     "unit": stored_unit(record["task"], record.get("unit")),
                      "fold": int(record["fold"]), "test": float(record[metric]),
                      "run_id": record.get("mlflow_run_id", ""), "experiment_id": "",
                      "best_trial": record.get("trial_id", ""),
@@ -93,8 +110,8 @@ def pick_studies(rows: pd.DataFrame) -> pd.DataFrame:
         for other in studies.index[1:]:
             print(f"report: {task} [{variant}]: showing {chosen}, not {other}")
         keep.append(group[group["study"] == chosen])
-    columns = ["task", "variant", "fold", "test", "run_id", "experiment_id", "best_trial",
-               "subset"]
+    columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
+               "best_trial", "subset"]
     return pd.concat(keep)[columns].reset_index(drop=True)
 
 
@@ -116,25 +133,29 @@ def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     columns = {**VARIANT_COLUMNS, **{v: c for v, c in STRATEGY_COLUMNS.items()
                                      if v in set(runs["variant"])}}
     for task in tasks:
-        spec = get_task(task)
         part = runs[runs["task"] == task]
+        metric, unit = ((part["metric"].iloc[0], part["unit"].iloc[0]) if len(part)
+                        else (TASKS[task].metric, TASKS[task].unit))
         means = {v: part.loc[part["variant"] == v, "test"] for v in columns}
         mean = {v: (float(s.mean()) if len(s) else None) for v, s in means.items()}
         top = MATBENCH_TOP.get(task)
-        row = {"task": task, "metric": f"{spec.metric} [{spec.unit}]",
+        row = {"task": task, "metric": f"{metric} [{unit}]",
                "Matbench #1": f"{top[0]} ({top[1]})" if top else "-"}
         subset = part.groupby("variant")["subset"].any() if "subset" in part else {}
         row.update({col: _cell(means[v], bool(subset.get(v, False)))
                     for v, col in columns.items()})
         row["JMP-S"] = str(JMP_S[task]) if task in JMP_S else "-"
         ri, mp0 = mean["random-init"], mean["main"]
-        if spec.kind == "classification":  # higher is better: (MP0 − RI)/RI
+        if metric == "rocauc":  # higher is better: (MP0 − RI)/RI
             row["MP0 vs RI"] = "-" if ri is None or mp0 is None else f"{(mp0 - ri) / ri:+.1%}"
         else:
             row["MP0 vs RI"] = relative(ri, mp0)
         row["MP0 vs JMP-S"] = relative(JMP_S.get(task), mp0)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not any(t in MATBENCH_TOP or t in JMP_S for t in tasks):  # your own data only
+        table = table.drop(columns=["Matbench #1", "JMP-S", "MP0 vs JMP-S"])
+    return table
 
 
 def best_child_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
@@ -186,8 +207,6 @@ def build_report(experiments: list[str] | None, tasks: list[str] | None,
     and the per-fold panel; the training curves live in MLflow only)."""
     from matxfer.analysis import figures
 
-    for task in tasks or []:
-        get_task(task)
     if results_dir is not None:
         runs = collect_results(results_dir)
         curves = pd.DataFrame(columns=["task", "variant", "fold", "epoch", *CURVE_KEYS])
@@ -195,6 +214,10 @@ def build_report(experiments: list[str] | None, tasks: list[str] | None,
         client = _client(tracking_uri)
         runs = collect_runs(client, experiments or [])
         curves = best_child_curves(client, runs)
+    unknown = sorted(set(tasks or []) - set(runs["task"]) - set(TASKS))
+    if unknown:
+        raise UserError(f"--tasks {unknown[0]!r} has no finished runs here; tasks found: "
+                        f"{', '.join(sorted(runs['task'].unique())) or 'none'}")
     tasks = tasks or sorted(runs["task"].unique())
     table = table1(runs, tasks)
     files: dict[str, object] = {

@@ -95,7 +95,7 @@ def test_drift_counts_only_the_elements_of_the_training_split(jdft2d_graphs, tin
     import pandas as pd
 
     from matxfer.analysis.drift_analysis import trained_species
-    from matxfer.data import fold_split
+    from matxfer.datasets.matbench import fold_split
 
     graphs = jdft2d_graphs
     d = tiny_cfg.data
