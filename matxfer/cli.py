@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from matxfer.config import VARIANTS
@@ -28,6 +29,12 @@ TRAIN_FLAGS = {
     "freeze_blocks": ("strategy.freeze_blocks", int),
     "compile": ("train.compile", str), "kernels": ("model.kernels", str),
 }
+
+# `data check FILE`: the data section, from flags (names as in the YAML)
+SOURCE_FLAGS = {"name": "task", "target": "source.target", "id_key": "source.id_key",
+                "kind": "source.kind", "unit": "source.unit", "format": "source.format",
+                "structure_column": "source.structure_column", "split": "split.method",
+                "k": "split.k", "split_column": "split.column"}
 
 TUNE_FLAGS = {
     "pooling": ("run.model.pooling", str),
@@ -79,13 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analysis_parsers(sub)
 
-    data = sub.add_parser("data", help="inspect Matbench tasks")
+    data = sub.add_parser("data", help="check your data; inspect Matbench tasks")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     folds = data_sub.add_parser("folds", help="official fold sizes (or ids with --json)")
     folds.add_argument("--task", required=True)
     folds.add_argument("--fold", type=int)
     folds.add_argument("--json", action="store_true", help="print the fold ids as JSON")
     data_sub.add_parser("tasks", help="list the Matbench structure tasks")
+    check = data_sub.add_parser("check", help="a dataset card before any compute: counts, "
+                                "elements, targets, duplicates, folds, cost")
+    check.add_argument("source", help="a study or run YAML, or a data file (then --target)")
+    for flag in SOURCE_FLAGS:
+        check.add_argument("--" + flag.replace("_", "-"), dest=flag)
+    check.add_argument("--skip-bad-rows", action="store_true", default=None)
     ckpt = sub.add_parser("checkpoint", help="matxfer checkpoint files")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
     convert = ckpt_sub.add_parser("convert", help="rewrite an old-format checkpoint in the "
@@ -206,10 +219,56 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_section(args: argparse.Namespace):
+    """(DataConfig, ModelConfig) of `data check`: from a study/run YAML, or a file + flags."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from matxfer.config import (
+        DataConfig,
+        ModelConfig,
+        format_validation_error,
+        load_config,
+        load_study_config,
+        read_yaml,
+    )
+
+    path = Path(args.source)
+    if path.suffix in (".yaml", ".yml"):
+        if "run" in read_yaml(path):
+            run = load_study_config(path).run
+        else:
+            run = load_config(path)
+        return run.data, run.model
+    tree: dict = {"task": args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem),
+                  "source": {"path": str(path)}}
+    for flag, dotted in SOURCE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and flag != "name":
+            section, key = dotted.split(".")
+            tree.setdefault(section, {})[key] = int(value) if flag == "k" else value
+    if args.skip_bad_rows:
+        tree["source"]["skip_bad_rows"] = True
+    if "target" not in tree["source"]:
+        raise UserError(f"data check {args.source!r}: a data file needs --target (the label's "
+                        "key or column)")
+    try:
+        return DataConfig.model_validate(tree), ModelConfig()
+    except ValidationError as err:
+        raise UserError(f"invalid data flags: {format_validation_error(err)}") from None
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from matxfer.datasets.matbench import N_FOLDS, official_fold
     from matxfer.tasks import TASKS, get_task
 
+    if args.data_command == "check":
+        from matxfer.datasets.card import check_dataset
+
+        data, model = data_section(args)
+        print(check_dataset(data, model).text())
+        return 0
     if args.data_command == "tasks":
         for t in TASKS.values():
             print(f"{t.name:24s} {t.kind:14s} {t.size:7d}  {t.target} [{t.unit}]")

@@ -181,7 +181,7 @@ def predict_graphs(predictor: Predictor, graphs: GraphSet, batch_size: int = 32)
 
 
 def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.DataFrame:
-    """One row per file: file, formula, prediction (task units), std (ensembles), error."""
+    """One row per file: file, formula, prediction, std (ensembles), error, unit."""
     predictors = [load_predictor(p) for p in resolve_models(model_ref)]
     first = predictors[0].model.backbone
     graphs, errors = prepare([Path(f) for f in files], [int(z) for z in first.atomic_numbers],
@@ -194,5 +194,6 @@ def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.
         if len(predictors) > 1:
             good["std"] = preds.std(0)
         table = pd.concat([good, table], ignore_index=True)
+    table["unit"] = predictors[0].cfg.data.spec.unit  # the task's, or your data's unit
     table.attrs["task"] = predictors[0].task
     return table
