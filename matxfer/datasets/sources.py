@@ -168,11 +168,11 @@ def checked_target(row: Row, src: SourceConfig) -> float:
     except (TypeError, ValueError):
         raise BadRow(f"target {row.target!r} is not a number") from None
     if not math.isfinite(value):
-        raise BadRow(f"target {row.target!r} is not finite")
+        raise BadRow(f"target {value} is not finite")
     if src.kind == "classification" and value not in (0.0, 1.0):
         raise BadRow(f"class label {row.target!r} is not 0/1 or true/false")
     if src.log_target and value <= 0:
-        raise BadRow(f"target {value!r} is <= 0, which log_target cannot take")
+        raise BadRow(f"target {value} is <= 0, which log_target cannot take")
     return value
 
 
