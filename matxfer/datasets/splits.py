@@ -38,13 +38,14 @@ def _symbol(z: int) -> str:
 
 def composition_keys(n_atoms: torch.Tensor, species: torch.Tensor,
                      z_table: Sequence[int]) -> list[str]:
-    """Reduced formula of each structure, e.g. 'Mo1S2' for Mo2S4 ([N] structures with
-    n_atoms [N] int, species [sum atoms] indices into z_table)."""
+    """Reduced formula of each structure, elements by symbol, e.g. 'Mo1S2' for Mo2S4
+    (n_atoms [N] int; species [sum atoms] indices into z_table)."""
     keys = []
     for span in torch.split(species, n_atoms.tolist()):
         zs, counts = np.unique(np.asarray(z_table)[span.numpy()], return_counts=True)
         div = reduce(math.gcd, counts.tolist())
-        keys.append("".join(f"{_symbol(int(z))}{c // div}" for z, c in zip(zs, counts)))
+        parts = sorted((_symbol(int(z)), c // div) for z, c in zip(zs, counts))
+        keys.append("".join(f"{el}{n}" for el, n in parts))
     return keys
 
 
