@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,9 +200,11 @@ def cache_file(data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: t
 def task_graphs(
     data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
     progress: bool = True, verified: VerifiedCache | None = None,
+    check: Callable[[GraphSet], None] | None = None,
 ) -> GraphSet:
     """The graphs of every structure of the dataset, from the cache or built once and cached.
-    `verified`: (cache file, sha256) the study's driver checked; read as it is."""
+    `verified`: (cache file, sha256) the study's driver checked; read as it is. `check`: run
+    on newly built graphs before they are cached (a UserError there leaves no cache file)."""
     if verified is not None:
         return load_graph_set(Path(verified[0]), verified[1])
     path = cache_file(data, z_table, cutoff, dtype)
@@ -220,6 +222,8 @@ def task_graphs(
                              loaded.frame["target"].to_numpy(), z_table, cutoff, dtype,
                              progress, skip)
     graphs.skipped = loaded.skipped + graphs.skipped
+    if check is not None:
+        check(graphs)
     try:
         save_graph_set(graphs, path)
     except OSError as err:

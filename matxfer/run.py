@@ -20,7 +20,7 @@ import yaml
 from matxfer import __version__
 from matxfer.checkpoint import build_payload
 from matxfer.config import RunConfig
-from matxfer.datasets.loading import fold_split
+from matxfer.datasets.loading import data_files, fold_split
 from matxfer.elements import present_elements
 from matxfer.errors import UserError
 from matxfer.graphs import VerifiedCache, task_graphs
@@ -120,6 +120,7 @@ def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_sco
         "n_val": len(data.split.val), "n_test": len(data.split.test),
         "structures_per_s": float(np.mean([h["structures_per_s"] for h in trained.history])),
         "seconds": round(seconds, 2), "matxfer_version": __version__,
+        "skipped_rows": len(data.graphs.skipped),
     }
 
 
@@ -188,5 +189,6 @@ def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False
                                              "prediction": p_test}),
             "config.yaml": cfg.model_dump(),
             "checkpoint.pt": checkpoint_payload(model, cfg, data),
+            **data_files(cfg.data, data.split, data.graphs),
         })
     return record

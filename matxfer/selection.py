@@ -13,6 +13,7 @@ from ray import tune
 
 from matxfer.checkpoint import load_checkpoint
 from matxfer.config import StudyConfig
+from matxfer.datasets.loading import data_files
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.identity import StudyIdentity
 from matxfer.metrics import score
@@ -71,11 +72,13 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
             "max_structures": cfg.data.max_structures,
             "n_trials": len(results), "n_train": len(data.split.train),
             "n_val": len(data.split.val), "n_test": len(data.split.test),
+            "skipped_rows": len(data.graphs.skipped),
         }
         files = {"result.json": record, "checkpoint.pt": payload,
                  "predictions.csv": pd.DataFrame({"mbid": data.split.test, "target": y,
                                                   "prediction": p}),
-                 "trials.csv": trials_table(results)}
+                 "trials.csv": trials_table(results),
+                 **data_files(cfg.data, data.split, data.graphs)}
     return {"record": record, "files": files, "predictions": p}
 
 

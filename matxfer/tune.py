@@ -18,6 +18,7 @@ import torch
 from ray import tune
 
 from matxfer.config import StudyConfig
+from matxfer.datasets.loading import fold_split
 from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
@@ -162,10 +163,15 @@ def make_tuner(study: StudyConfig, fold: int, run_name: str, callbacks: list | N
 
 def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
     """Build (or load and verify) the task's graph cache once in the driver; trials read it
-    trusting this check (`VerifiedCache`: the file and its checksum)."""
+    trusting this check (`VerifiedCache`: the file and its checksum). Every requested fold is
+    split here too, so data that cannot be split stops the study before anything starts."""
     d, m = study.run.data, plan.model
     args = (d, list(m.atomic_numbers), m.r_max, getattr(torch, study.run.model.dtype))
-    task_graphs(*args)
+    def splits(graphs) -> None:
+        for fold in study.folds:
+            fold_split(d.model_copy(update={"fold": fold}), graphs)
+
+    splits(task_graphs(*args, check=splits))  # a cached set is checked too
     path = cache_file(*args)
     return str(path.resolve()), recorded_sha256(path)
 
@@ -250,9 +256,9 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     plan = preflight(study, attached_nodes(address))
     print("\n".join(plan.lines), flush=True)
     plan.raise_problems()
+    cache = build_graph_cache(study, plan)  # bad data stops here: nothing written yet
     tracker = make_tracker(study)  # an unreachable server fails here, before any training
     claim_folder(plan.ident)
-    cache = build_graph_cache(study, plan)
     init_ray(address)
     records = [run_fold(study, plan.ident, fold, tracker, cache) for fold in study.folds]
     table = summarize(study, plan.ident.folder, records)

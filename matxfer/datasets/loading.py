@@ -52,6 +52,23 @@ def split_groups(data: DataConfig, graphs) -> list | None:
     return None
 
 
+def data_files(data: DataConfig, split: FoldSplit, graphs) -> dict[str, object]:
+    """Files that travel with a fold's results for a user dataset: split.json (the fold's ids
+    and how they were drawn, with the data's hash, so a rerun and a reader get the same folds)
+    and skipped_rows.csv (rows left out, with why). Matbench: none (official folds)."""
+    if data.source is None:
+        return {}
+    s = data.outer_split
+    files: dict[str, object] = {"split.json": {
+        "dataset": data.task, "sha256": source_id(data), "method": s.method, "k": s.k,
+        "seed": s.seed, "column": s.column, "fold": split.fold, "val_fraction":
+        data.val_fraction, "val_seed": data.val_seed, "max_structures": data.max_structures,
+        "train": split.train, "val": split.val, "test": split.test}}
+    if graphs.skipped:
+        files["skipped_rows.csv"] = pd.DataFrame(graphs.skipped, columns=["id", "reason"])
+    return files
+
+
 def fold_split(data: DataConfig, graphs) -> FoldSplit:
     """Fold `data.fold` of the dataset with its validation split (`graphs`: its GraphSet)."""
     targets = pd.Series(graphs.targets, index=graphs.ids, name="target")

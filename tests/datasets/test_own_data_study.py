@@ -1,0 +1,133 @@
+"""Your own data end to end, as a user runs it: `data check`, `tune` (grouped folds, one bad
+row skipped), `report`, `predict` from the registry, `train` with a run config; and bad data
+stopping `tune` with one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import write
+from own_data import crystals, molecule
+
+
+def matxfer(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "matxfer.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
+
+
+def write_data(folder: Path, spoil: bool = True) -> Path:
+    images = crystals() + [molecule()]
+    if spoil:
+        images[5].info["y"] = float("nan")  # one unusable row: skipped, and listed
+    path = folder / "salts.extxyz"
+    write(path, images, format="extxyz")
+    return path
+
+
+def study_yaml(folder: Path, data: Path, **extra_source) -> Path:
+    study = {"folds": [0], "num_samples": 2, "asha": {"enabled": False},
+             "storage_path": str(folder / "ray"), "output_dir": str(folder / "studies"),
+             "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
+             "run": {"data": {"task": "salts", "val_fraction": 0.2,
+                              "source": {"path": str(data), "target": "y", "id_key": "id",
+                                         "unit": "Å", **extra_source},
+                              "split": {"method": "group-composition", "k": 3}},
+                     "train": {"epochs": 1, "batch_size": 8},
+                     "model": {"head_hidden": [16]}}}
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_check_tune_report_predict_on_your_own_data(tmp_path):
+    data = write_data(tmp_path)
+    config = study_yaml(tmp_path, data, skip_bad_rows=True)
+    card = matxfer("data", "check", str(config), cwd=tmp_path)
+    assert card.returncode == 0, card.stderr
+    assert "24 usable, 1 skipped" in card.stdout and "KCl-2" in card.stdout
+    assert "group-composition, k=3: test folds of" in card.stdout
+
+    tuned = matxfer("tune", str(config), cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    (fold0,) = (tmp_path / "studies/salts/main").glob("*/fold0")
+    record = json.loads((fold0 / "result.json").read_text())
+    assert record["task"] == "salts" and record["unit"] == "Å" and record["skipped_rows"] == 1
+    split = json.loads((fold0 / "split.json").read_text())
+    formulas = [{i.split("-")[0] for i in split[p]} for p in ("train", "val", "test")]
+    assert not (formulas[0] & formulas[2]) and not (formulas[1] & formulas[2])
+    assert split["method"] == "group-composition" and "KCl-2" not in sum(
+        (split[p] for p in ("train", "val", "test")), [])
+    assert "KCl-2" in (fold0 / "skipped_rows.csv").read_text()
+    summary = json.loads((fold0.parent / "summary.json").read_text())
+    assert summary["matbench_record"] is None and "own data" in summary["matbench_record_note"]
+
+    report = matxfer("report", "--results", str(tmp_path / "studies"), "--out",
+                     str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "report/table1.md").read_text()
+    assert "| salts | mae [Å] |" in table and "JMP-S" not in table
+
+    cif = tmp_path / "NaCl.cif"
+    write(cif, crystals()[1], format="cif")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    predicted = matxfer("predict", "--model", "matxfer-salts", str(cif), cwd=tmp_path, env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    header, row = predicted.stdout.strip().splitlines()[-2:]
+    assert header.endswith(",unit") and row.endswith(",Å")
+    assert float(row.split(",")[2]) > 0
+
+
+@pytest.mark.slow
+def test_train_with_a_run_config_on_your_own_data(tmp_path):
+    data = write_data(tmp_path, spoil=False)
+    run = {"data": {"task": "salts", "fold": 2, "val_fraction": 0.2,
+                    "source": {"path": str(data), "target": "y", "id_key": "id"},
+                    "split": {"method": "kfold", "k": 4}},
+           "train": {"epochs": 1, "batch_size": 8}, "model": {"head_hidden": [16]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    trained = matxfer("train", "--config", "run.yaml", "--out", "out", "--quiet", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((tmp_path / "out/result.json").read_text())
+    split = json.loads((tmp_path / "out/split.json").read_text())
+    assert record["fold"] == 2 and record["n_test"] == len(split["test"]) in (6, 7)
+
+
+def relabel(atoms, suffix: str):
+    atoms = atoms.copy()
+    atoms.info["id"] += suffix
+    return atoms
+
+
+BAD_DATA = {  # how the data is spoiled: the one-line reason `tune` gives
+    "a NaN target": (lambda im: im[5].info.update(y=float("nan")), "row KCl-2: target nan"),
+    "one formula only": (lambda im: im[:3] + [relabel(a, "b") for a in im[:3]],
+                         "only 1 distinct groups, fewer than split.k=3"),
+    "too few rows": (lambda im: im[:4], "4 rows cannot make 3 folds"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_stops_tune_with_one_line_and_writes_nothing(case, tmp_path):
+    spoil, needle = BAD_DATA[case]
+    images = crystals()
+    images = spoil(images) or images
+    path = tmp_path / "salts.extxyz"
+    write(path, images, format="extxyz")
+    config = study_yaml(tmp_path, path)
+    cache = tmp_path / "cache"
+    proc = matxfer("tune", str(config), cwd=tmp_path, env={"MATXFER_CACHE": str(cache)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert needle in line, line
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "ray").exists()
+    assert not cache.exists() or not any(cache.iterdir())
