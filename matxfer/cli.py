@@ -113,7 +113,9 @@ def add_analysis_parsers(sub) -> None:
     analyze = sub.add_parser("analyze", help="what transferred: layer-wise MI, weight drift")
     kinds = analyze.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
     mi = kinds.add_parser("mi", help="TransRate of pretrained and random-twin features per layer")
-    mi.add_argument("--tasks", nargs="+", required=True)
+    mi.add_argument("--tasks", nargs="+", default=[], help="Matbench tasks")
+    mi.add_argument("--data", nargs="+", default=[], metavar="CONFIG",
+                    help="your own data: study or run YAMLs with a data.source section")
     mi.add_argument("--model", default="small", help="MACE model: 'small' or a file")
     mi.add_argument("--pooling", default="mean", choices=["mean", "sum", "max", "mean+max"])
     mi.add_argument("--bins", type=int, default=10, help="quantile bins of regression targets")
@@ -225,21 +227,11 @@ def data_section(args: argparse.Namespace):
 
     from pydantic import ValidationError
 
-    from matxfer.config import (
-        DataConfig,
-        ModelConfig,
-        format_validation_error,
-        load_config,
-        load_study_config,
-        read_yaml,
-    )
+    from matxfer.config import DataConfig, ModelConfig, format_validation_error, load_run_section
 
     path = Path(args.source)
     if path.suffix in (".yaml", ".yml"):
-        if "run" in read_yaml(path):
-            run = load_study_config(path).run
-        else:
-            run = load_config(path)
+        run = load_run_section(path)
         return run.data, run.model
     tree: dict = {"task": args.name or re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem),
                   "source": {"path": str(path)}}

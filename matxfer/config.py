@@ -87,9 +87,9 @@ class DataConfig(_Strict):
             if self.split is not None:
                 raise ValueError("data.split applies to your own data (data.source); Matbench "
                                  "tasks use the official folds")
-        elif self.task in TASKS or not DATASET_NAME.fullmatch(self.task):
+        elif self.task.startswith("matbench_") or not DATASET_NAME.fullmatch(self.task):
             raise ValueError(f"data.task {self.task!r} names your dataset: letters, digits, "
-                             "'_', '.', '-', and not a Matbench task name")
+                             "'_', '.', '-', not starting with 'matbench_' (Matbench's)")
         if self.fold >= self.n_folds:
             raise ValueError(f"data.fold {self.fold} is out of range; allowed: "
                              f"0-{self.n_folds - 1}")
@@ -435,3 +435,10 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
     if grid is not None and study.num_samples > grid:
         study.num_samples = grid  # choices only: each combination once, no repeats
     return study
+
+
+def load_run_section(path: str | Path) -> RunConfig:
+    """The run section of a study YAML (one with `run:`), or a run YAML as it is."""
+    if "run" in read_yaml(path):
+        return load_study_config(path).run
+    return load_config(path)

@@ -6,6 +6,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from matxfer.config import DataConfig, format_validation_error, load_run_section
 from matxfer.errors import UserError
 from matxfer.run import write_outputs
 
@@ -45,6 +48,20 @@ def check_positive(name: str, value: int | None) -> None:
         raise UserError(f"{name} must be a positive integer, got {value}")
 
 
+def mi_datasets(tasks: list[str], configs: list[str]) -> list[DataConfig]:
+    """The data sections of `analyze mi`: Matbench tasks by name, your data by config file."""
+    if not tasks and not configs:
+        raise UserError("analyze mi needs --tasks (Matbench) and/or --data CONFIG (your data)")
+    datas = []
+    for task in tasks:
+        try:
+            datas.append(DataConfig(task=task))
+        except ValidationError as err:
+            raise UserError(f"--tasks: {format_validation_error(err)}".replace(
+                "config: ", "")) from None
+    return datas + [load_run_section(path).data for path in configs]
+
+
 def run_mi(args: argparse.Namespace) -> str:
     from matxfer.analysis.mi_analysis import analyze_mi
 
@@ -53,8 +70,8 @@ def run_mi(args: argparse.Namespace) -> str:
     if not args.eps2 > 0:
         raise UserError(f"--eps2 must be positive, got {args.eps2}")
     uri = tracking_target(args)
-    result = analyze_mi(args.tasks, args.model, args.pooling, args.bins, args.eps2,
-                        args.max_structures, args.batch_size)
+    result = analyze_mi(mi_datasets(args.tasks, args.data), args.model, args.pooling,
+                        args.bins, args.eps2, args.max_structures, args.batch_size)
     table = result["table"]
     files = {"mi.json": {"settings": result["settings"], "rows": table.to_dict("records")},
              "mi.csv": table, "mi_heatmap.png": result["heatmap"]}

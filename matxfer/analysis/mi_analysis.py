@@ -16,30 +16,32 @@ from matxfer.analysis.features import (
 )
 from matxfer.analysis.figures import mi_heatmap
 from matxfer.analysis.mutual_info import EPS2, layer_transrate
-from matxfer.config import ModelConfig
-from matxfer.datasets.matbench import data_source_id, subset_ids
+from matxfer.config import DataConfig, ModelConfig
+from matxfer.datasets.loading import source_id
+from matxfer.datasets.matbench import subset_ids
 from matxfer.errors import UserError
 from matxfer.graphs import cache_key, task_graphs
 from matxfer.model import build_model, resolve_model_path
-from matxfer.tasks import get_task
 
 INITS = ("pretrained", "random")
 
 
-def task_features(task: str, init: str, source: str = "small", pooling: str = "mean",
+def task_features(data: DataConfig, init: str, source: str = "small", pooling: str = "mean",
                   max_structures: int | None = None, batch_size: int = 64,
                   progress: bool = True
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """({layer: [n, d]}, targets [n]) for every structure of `task` (or a seeded subset)."""
+    """({layer: [n, d]}, targets [n]) for every structure of the dataset (or a seeded
+    subset); with your own data, before any training: how much the features already say."""
     from matxfer.tracking import file_sha256
 
     model = build_model(ModelConfig(source=source, init=init, pooling=pooling))
     bb = model.backbone
     z_table, dtype = [int(z) for z in bb.atomic_numbers], next(bb.parameters()).dtype
-    graphs = task_graphs(task, z_table, float(bb.r_max), dtype, progress=progress)
+    graphs = task_graphs(data, z_table, float(bb.r_max), dtype, progress=progress)
     keep = subset_ids(list(graphs.ids), max_structures)
     rows = [i for i, mbid in enumerate(graphs.ids) if keep is None or mbid in keep]
-    graph_key = cache_key(task, float(bb.r_max), dtype, z_table, data_source_id(task))
+    task = data.task
+    graph_key = cache_key(task, float(bb.r_max), dtype, z_table, source_id(data))
     key = features_key(graph_key, file_sha256(str(resolve_model_path(source))), init,
                        0, pooling)
     path = feature_cache_path(f"{task}-{init}-{len(rows)}", key)
@@ -50,18 +52,18 @@ def task_features(task: str, init: str, source: str = "small", pooling: str = "m
     return features, np.asarray(graphs.targets)[rows]
 
 
-def analyze_mi(tasks: list[str], source: str = "small", pooling: str = "mean", bins: int = 10,
-               eps2: float = EPS2, max_structures: int | None = None, batch_size: int = 64,
-               inits: tuple[str, ...] = INITS, progress: bool = True) -> dict:
+def analyze_mi(datas: list[DataConfig], source: str = "small", pooling: str = "mean",
+               bins: int = 10, eps2: float = EPS2, max_structures: int | None = None,
+               batch_size: int = 64, inits: tuple[str, ...] = INITS, progress: bool = True) -> dict:
     """TransRate rows for every (task, init, layer), the settings, and the heatmap PNG."""
     if bins < 2:
         raise UserError(f"--bins must be at least 2, got {bins}")
-    specs = [get_task(t) for t in tasks]  # unknown task names fail here, before any work
     rows, seconds = [], {}
-    for spec in specs:
+    for data in datas:
+        spec = data.spec
         for init in inits:
             start = time.perf_counter()
-            features, y = task_features(spec.name, init, source, pooling, max_structures,
+            features, y = task_features(data, init, source, pooling, max_structures,
                                         batch_size, progress=progress)
             for row in layer_transrate(features, y, spec.kind, bins, eps2):
                 rows.append({"task": spec.name, "init": init, **row})
@@ -69,7 +71,7 @@ def analyze_mi(tasks: list[str], source: str = "small", pooling: str = "mean", b
             if progress:
                 print(f"{spec.name} {init}: {len(y)} structures, {took} s")
     table = pd.DataFrame(rows)
-    settings = {"tasks": tasks, "model": source, "pooling": pooling, "bins": bins,
+    settings = {"tasks": [d.task for d in datas], "model": source, "pooling": pooling, "bins": bins,
                 "eps2": eps2, "max_structures": max_structures,
                 "preprocessing": "rows L2-normalised, centred, L2-normalised again",
                 "class_weights": "n_c/n", "seconds": seconds}

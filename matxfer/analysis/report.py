@@ -134,8 +134,8 @@ def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                                      if v in set(runs["variant"])}}
     for task in tasks:
         part = runs[runs["task"] == task]
-        metric, unit = ((part["metric"].iloc[0], part["unit"].iloc[0]) if len(part)
-                        else (TASKS[task].metric, TASKS[task].unit))
+        metric, unit = ((TASKS[task].metric, TASKS[task].unit) if task in TASKS
+                        else (part["metric"].iloc[0], part["unit"].iloc[0]))
         means = {v: part.loc[part["variant"] == v, "test"] for v in columns}
         mean = {v: (float(s.mean()) if len(s) else None) for v, s in means.items()}
         top = MATBENCH_TOP.get(task)
@@ -207,6 +207,10 @@ def build_report(experiments: list[str] | None, tasks: list[str] | None,
     and the per-fold panel; the training curves live in MLflow only)."""
     from matxfer.analysis import figures
 
+    for task in tasks or []:  # Matbench's names are known before any work
+        if task.startswith("matbench_") and task not in TASKS:
+            raise UserError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}, or your "
+                            "dataset's name")
     if results_dir is not None:
         runs = collect_results(results_dir)
         curves = pd.DataFrame(columns=["task", "variant", "fold", "epoch", *CURVE_KEYS])

@@ -159,3 +159,14 @@ def test_report_from_result_files_without_mlflow(tmp_path, capsys):
         "figure1_fold_metrics.png", "runs.csv", "table1.csv", "table1.md"]
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2
     assert "--results" in capsys.readouterr().err
+
+
+def test_table1_of_your_own_data_has_no_matbench_or_jmp_columns():
+    from matxfer.analysis.report import table1
+
+    runs = pd.DataFrame({"task": ["salts"] * 2, "variant": ["main", "random-init"],
+                         "metric": ["mae"] * 2, "unit": ["eV"] * 2, "fold": [0, 0],
+                         "test": [1.0, 2.0]})
+    row = table1(runs, ["salts"]).iloc[0]
+    assert row["metric"] == "mae [eV]" and row["MP0 vs RI"] == "+50.0%"
+    assert "Matbench #1" not in row and "JMP-S" not in row and "MP0 vs JMP-S" not in row
