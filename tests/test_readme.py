@@ -27,6 +27,8 @@ HERE = "tests/test_readme.py"
 CLUSTER = ("tests/test_cluster.py::"
            "test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers")
 TRACKING = "tests/test_tracking.py"
+EXAMPLE = ("tests/datasets/test_example.py::"
+           "test_readme_own_data_commands_go_from_cifs_and_a_csv_to_predictions")
 README_COMMANDS = {
     "make quickstart": HERE,
     "make test": "CI: .ci/run runs it on a clean clone",
@@ -67,6 +69,14 @@ README_COMMANDS = {
     "matbench_phonons": HERE,
     ".venv/bin/matxfer checkpoint convert runs/old-study/fold0 runs/old-study/fold0-v2":
         "tests/test_checkpoint.py::test_an_old_checkpoint_converts_to_the_current_format",
+    ".venv/bin/matxfer data check tune_configs/examples/custom_csv.yaml": EXAMPLE,
+    ".venv/bin/matxfer tune tune_configs/examples/custom_csv.yaml": EXAMPLE,
+    ".venv/bin/matxfer report --results runs/studies --tasks phonons200 "
+    "--out runs/report-phonons200": EXAMPLE,
+    ".venv/bin/matxfer predict --model matxfer-phonons200 "
+    "examples/phonons200/cifs/mb-phonons-0003.cif": EXAMPLE,
+    ".venv/bin/matxfer analyze mi --data tune_configs/examples/custom_extxyz.yaml "
+    "--max-structures 100": EXAMPLE,
     "python -m venv .venv": "CI: make install (.ci/run) creates the venv",
     ".venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126":
         "not runnable here: no CUDA wheel index is reachable from this machine",
