@@ -216,6 +216,9 @@ LOG_NOISE = {
     # each one-worker trial checkpoints every epoch, and Tune snapshots its (small, local)
     # experiment state with each one (CheckpointConfig(num_to_keep=1)): expected, not a fault
     "ray.tune.execution.experiment_state": ("Experiment state snapshotting has been triggered",),
+    # a local instance we start keeps Ray's default token auth: no reason to tell the user
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray cluster",),
 }
 
 

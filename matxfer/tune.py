@@ -61,7 +61,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:  # "local": never attach to a stray cluster named in /tmp/ray
         num_cpus = num_cpus or LOCAL_CPUS  # coordinators take none (scheduling.py)
-        with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV):
+        with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV), quiet_ray_output():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                      log_to_driver=False)

@@ -55,8 +55,8 @@ def describe_targets(card: Card, y: np.ndarray, kind: str, unit: str) -> None:
 
 
 def duplicates(structures: dict, graphs: GraphSet) -> list[list[str]]:
-    """Groups of ids whose structures match (pymatgen StructureMatcher, compared only within
-    the same reduced composition); non-periodic structures are compared by exact positions."""
+    """Groups of ids whose structures match exactly (pymatgen StructureMatcher, compared
+    only within the same reduced composition); molecules are not compared."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -64,7 +64,9 @@ def duplicates(structures: dict, graphs: GraphSet) -> list[list[str]]:
     for i, key in zip(graphs.ids, composition_keys(graphs.n_atoms, graphs.species,
                                                    graphs.z_table)):
         by_formula[key].append(i)
-    matcher, groups = StructureMatcher(), []
+    # exact duplicates: no rescaling, tight tolerances (the default matcher would also pair
+    # a strained copy, which is a different data point)
+    matcher, groups = StructureMatcher(ltol=0.01, stol=0.01, angle_tol=0.5, scale=False), []
     for members in (m for m in by_formula.values() if len(m) > 1):
         items = [structures[i] for i in members]
         if all(hasattr(s, "get_atomic_numbers") for s in items):
