@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from matxfer.config import DataConfig
-from matxfer.datasets.loading import load_rows, source_id
+from matxfer.datasets.loading import source_id, stream_rows
 from matxfer.errors import UserError
 from matxfer.storage import load_checked, save_checked, sidecar
 
@@ -106,11 +106,21 @@ def build_graph_set(
     ids: Sequence[str], structures: Sequence, targets: np.ndarray, z_table: Sequence[int],
     cutoff: float, dtype: torch.dtype, progress: bool = True, skip_bad: bool = False,
 ) -> GraphSet:
-    """Build the graphs of every structure, with a progress bar. With `skip_bad`, a structure
-    the model cannot take (an unknown element) is left out and listed in `skipped`."""
-    parts, kept, skipped = [], [], []
-    for i, (mbid, structure) in enumerate(tqdm(list(zip(ids, structures)), unit="struct",
-                                               desc="building graphs", disable=not progress)):
+    """Build the graphs of every structure, with a progress bar (see `graphs_from_rows`)."""
+    return graphs_from_rows(zip(ids, structures, targets), z_table, cutoff, dtype, progress,
+                            skip_bad, total=len(ids))
+
+
+def graphs_from_rows(
+    rows: Iterable[tuple[str, object, float]], z_table: Sequence[int], cutoff: float,
+    dtype: torch.dtype, progress: bool = True, skip_bad: bool = False, total: int | None = None,
+) -> GraphSet:
+    """Graphs of (id, structure, target) rows consumed one at a time: only the graphs' arrays
+    are kept, never the structures. With `skip_bad`, a structure the model cannot take (an
+    unknown element) is left out and listed in `skipped`."""
+    parts, ids, targets, skipped = [], [], [], []
+    for mbid, structure, target in tqdm(rows, unit="struct", desc="building graphs",
+                                        total=total, disable=not progress):
         try:
             parts.append(structure_graph(structure, mbid, z_table, cutoff))
         except UserError as err:
@@ -118,11 +128,12 @@ def build_graph_set(
                 raise
             skipped.append((str(mbid), str(err).split(": ", 1)[-1]))
             continue
-        kept.append(i)
-    if not kept:
+        ids.append(mbid)
+        targets.append(target)
+    if not ids:
         raise UserError(f"no structure can be used: {skipped[0][0]}: {skipped[0][1]}")
-    graphs = graph_set_from_parts([ids[i] for i in kept], parts,
-                                  np.asarray(targets)[kept], z_table, dtype)
+    graphs = graph_set_from_parts(ids, parts, np.asarray(targets, dtype=np.float64), z_table,
+                                  dtype)
     graphs.skipped = skipped
     return graphs
 
@@ -216,12 +227,11 @@ def task_graphs(
             warnings.warn(f"rebuilding the graph cache: {err}", stacklevel=2)
             path.unlink(missing_ok=True)
             sidecar(path).unlink(missing_ok=True)
-    loaded = load_rows(data)
+    skipped: list = []
     skip = data.source is not None and data.source.skip_bad_rows
-    graphs = build_graph_set(list(loaded.frame.index), list(loaded.frame["structure"]),
-                             loaded.frame["target"].to_numpy(), z_table, cutoff, dtype,
-                             progress, skip)
-    graphs.skipped = loaded.skipped + graphs.skipped
+    graphs = graphs_from_rows(stream_rows(data, skipped), z_table, cutoff, dtype, progress,
+                              skip, total=data.spec.size or None)
+    graphs.skipped = skipped + graphs.skipped
     if check is not None:
         check(graphs)
     try:

@@ -25,6 +25,15 @@ def graph_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dataset_files(tmp_path_factory):
+    """{format: path}: the small labelled dataset of tests/datasets/own_data.py in every
+    format matxfer reads (requested by tests/datasets, whose folder is then importable)."""
+    from own_data import write_formats
+
+    return write_formats(tmp_path_factory.mktemp("own_data"))
+
+
+@pytest.fixture(scope="session")
 def backbone():
     from matxfer.model import load_backbone
 

@@ -70,7 +70,7 @@ def make_data_dir_with_polonium(tmp_path: Path) -> Path:
 
 BAD_TRAIN_ARGS = [
     (["--task", "matbench_foo"], "unknown task 'matbench_foo'; allowed: matbench_jdft2d"),
-    (["--fold", "7"], "data.fold: Input should be less than or equal to 4 (got 7)"),
+    (["--fold", "7"], "data.fold 7 is out of range; allowed: 0-4"),
     (["--fold", "x"], "argument --fold: invalid int value: 'x'"),
     (["--l2sp=-1e-3"], "regularizers.l2sp: Input should be greater than or equal to 0"),
     (["--bss=-1"], "regularizers.bss: Input should be greater than or equal to 0"),

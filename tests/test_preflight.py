@@ -169,3 +169,12 @@ def test_the_plan_says_how_a_trial_trains_one_worker_in_process_several_with_ddp
     two = preflight(load_study_config(quick, {"scaling.num_workers": 2})).lines
     assert any("1 per trial x {CPU 1} (in the trial's own process)" in line for line in one)
     assert any("2 per trial x {CPU 1} (DDP, gloo)" in line for line in two)
+
+
+def test_matbench_fingerprints_are_unchanged_by_the_own_data_sections():
+    """data.source and data.split (absent for Matbench) leave a Matbench study's fingerprint
+    as it was before they existed: finished studies are still found and skipped."""
+    study = load_study_config(ROOT / "tune_configs/matbench_jdft2d.yaml")
+    settings = study_settings(study, "a", "b")
+    assert not any(k.startswith(("run.data.source", "run.data.split")) for k in settings)
+    assert fingerprint(settings) == "efaa95cd9c7b"  # computed at commit 157ea84

@@ -3,6 +3,7 @@ matminer file) or a user's own file (`data.source`, folds by `data.split`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 
 from matxfer.config import DataConfig, SourceConfig
 from matxfer.datasets import matbench
-from matxfer.datasets.sources import Loaded, load_source, source_sha256
+from matxfer.datasets.sources import Loaded, load_source, source_sha256, usable_rows
 from matxfer.datasets.splits import (
     FoldSplit,
     chemsys_keys,
@@ -33,9 +34,21 @@ def load_rows(data: DataConfig) -> Loaded:
     return load_source(data.source)
 
 
+def stream_rows(data: DataConfig, skipped: list) -> Iterator[tuple[str, object, float]]:
+    """(id, structure, target) of every usable row, one at a time (bad rows skipped into
+    `skipped` when allowed): what the graph cache is built from."""
+    if data.source is None:
+        frame = matbench.load_task(data.task, data.data_dir)
+        yield from zip(frame.index, frame["structure"], frame["target"])
+        return
+    for row in usable_rows(data.source, skipped):
+        yield row.id, row.structure, row.target
+
+
 @lru_cache(maxsize=4)
-def _fold_labels(source_json: str, column: str) -> pd.Series:
-    return load_source(SourceConfig.model_validate_json(source_json), label=column).frame["label"]
+def _fold_labels(source_json: str, column: str) -> dict[str, object]:
+    src = SourceConfig.model_validate_json(source_json)
+    return {row.id: row.extra[column] for row in usable_rows(src, [], column)}
 
 
 def split_groups(data: DataConfig, graphs) -> list | None:

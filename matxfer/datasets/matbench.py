@@ -24,7 +24,7 @@ def default_data_dir() -> Path | None:
     """MATMINER_DATA if set, else ../shared/data/matbench beside this checkout or the cwd."""
     if os.environ.get("MATMINER_DATA"):
         return Path(os.environ["MATMINER_DATA"])
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), repo_root):
         for candidate in (base.parent / SHARED_DATA, base / SHARED_DATA):
             if candidate.is_dir():

@@ -176,18 +176,19 @@ def checked_target(row: Row, src: SourceConfig) -> float:
     return value
 
 
-def load_source(src: SourceConfig, label: str | None = None) -> Loaded:
-    """Read every row; `label`: a key/column to keep (the split's fold labels)."""
-    path = Path(src.path)
-    if not path.is_file():
+def usable_rows(src: SourceConfig, skipped: list, label: str | None = None) -> Iterator[Row]:
+    """The source's rows one at a time, in file order, each with its checked float target:
+    a bad row raises UserError naming it, or with `skip_bad_rows` goes to `skipped` as (id,
+    why). Nothing else is held, so a large file streams. `label`: a key/column each row must
+    have (the split's fold labels)."""
+    if not Path(src.path).is_file():
         raise UserError(f"data.source.path {src.path!r} does not exist")
-    wanted = (label,) if label else ()
-    ids, structures, targets, labels, skipped = [], [], [], [], []
-    for row in READERS[source_format(src)](src, wanted):
+    seen: set[str] = set()
+    for row in READERS[source_format(src)](src, (label,) if label else ()):
         try:
             if isinstance(row.structure, BadRow):
                 raise row.structure
-            y = checked_target(row, src)
+            row.target = checked_target(row, src)
             if label and row.extra.get(label) is None:
                 raise BadRow(f"no fold label {label!r}")
         except BadRow as err:
@@ -196,24 +197,22 @@ def load_source(src: SourceConfig, label: str | None = None) -> Loaded:
                                 "true trains on the other rows)") from None
             skipped.append((row.id, str(err)))
             continue
-        ids.append(row.id)
-        structures.append(row.structure)
-        targets.append(y)
-        labels.append(row.extra.get(label) if label else None)
-    return Loaded(_frame(src, ids, structures, targets, labels if label else None), skipped)
-
-
-def _frame(src: SourceConfig, ids: list, structures: list, targets: list,
-           labels: list | None) -> pd.DataFrame:
-    if not ids:
-        raise UserError(f"{src.path}: no usable rows (target {src.target!r})")
-    seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise UserError(f"{src.path}: id {i!r} appears twice (data.source.id_key "
+        if row.id in seen:
+            raise UserError(f"{src.path}: id {row.id!r} appears twice (data.source.id_key "
                             f"{src.id_key!r} must be unique)")
-        seen.add(i)
-    columns = {"structure": structures, "target": targets}
-    if labels is not None:
-        columns["label"] = labels
-    return pd.DataFrame(columns, index=pd.Index(ids, name="id"))
+        seen.add(row.id)
+        yield row
+    if not seen:
+        raise UserError(f"{src.path}: no usable rows (target {src.target!r})")
+
+
+def load_source(src: SourceConfig, label: str | None = None) -> Loaded:
+    """Every usable row as a frame (index `id`; `structure`, `target`, and `label` when
+    asked); for a small dataset or a dataset card (graphs stream through `usable_rows`)."""
+    skipped: list = []
+    rows = list(usable_rows(src, skipped, label))
+    columns = {"structure": [r.structure for r in rows], "target": [r.target for r in rows]}
+    if label:
+        columns["label"] = [r.extra[label] for r in rows]
+    return Loaded(pd.DataFrame(columns, index=pd.Index([r.id for r in rows], name="id")),
+                  skipped)

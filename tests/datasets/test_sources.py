@@ -130,3 +130,9 @@ def test_an_element_outside_the_model_is_named_or_skipped():
     graphs = build_graph_set(["NaCl-0", "x"], [images[0], molecule()], np.ones(2),
                              [1, 8], 5.0, torch.float64, progress=False, skip_bad=True)
     assert graphs.ids == ["x"] and graphs.skipped[0][0] == "NaCl-0"
+
+
+def test_a_row_without_its_fold_label_is_named(tmp_path):
+    path = bad_extxyz(tmp_path, lambda im: im[4].info.pop("mine"))
+    with pytest.raises(UserError, match="row KCl-1: no fold label 'mine'"):
+        load_source(SourceConfig.model_validate(source(path)), label="mine")
