@@ -162,9 +162,6 @@ def check_own_data(plan: Plan, data: DataConfig) -> str:
             sha = source_sha256(src)
         except UserError as err:
             problems.append(str(err))
-        except OSError as err:
-            problems.append(f"data.source {src.path!r}: cannot read {err.filename!r} "
-                            f"({err.strerror})")
     if problems:
         plan.problems += problems
         return "missing"

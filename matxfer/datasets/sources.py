@@ -72,10 +72,16 @@ def source_sha256(src: SourceConfig) -> str:
     the settings that pick the target and ids are part of it."""
     digest = hashlib.sha256(repr((src.target, src.id_key, src.structure_column,
                                   source_format(src))).encode())
+    if not Path(src.path).is_file():
+        raise UserError(f"data.source.path {src.path!r} does not exist")
     for path in source_files(src):
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as err:
+            raise UserError(f"data.source {src.path!r}: cannot read {str(path)!r} "
+                            f"({err.strerror})") from None
     return digest.hexdigest()[:16]
 
 
