@@ -46,7 +46,10 @@ else:  # baseline: every structure in memory first, then the graphs
                             frame["target"].to_numpy(), z, cutoff, torch.float32, False))
 took = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from pathlib import Path
+cache = sum(f.stat().st_size for f in Path(sys.argv[2]).glob("*.pt")) / 2**20
 print(json.dumps({"rows": n, "seconds": round(took, 2), "rows_per_s": round(n / took, 1),
+                  "graph_cache_mib": round(cache, 1),
                   "peak_rss_mib": round(peak / 1024, 1),
                   "rss_before_mib": round(before / 1024, 1)}))
 """
