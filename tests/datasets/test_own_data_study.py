@@ -1,5 +1,5 @@
 """Your own data end to end, as a user runs it: `data check`, `tune` (grouped folds, one bad
-row skipped), `report`, `predict` from the registry, `train` with a run config; and bad data
+row skipped), `analyze drift`, `report`, `predict` from the registry, `train` with a run config; and bad data
 stopping `tune` with one line before anything is written."""
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def test_check_tune_report_predict_on_your_own_data(tmp_path):
     assert "KCl-2" in (fold0 / "skipped_rows.csv").read_text()
     summary = json.loads((fold0.parent / "summary.json").read_text())
     assert summary["matbench_record"] is None and "own data" in summary["matbench_record_note"]
+
+    drift = matxfer("analyze", "drift", "--checkpoint", str(fold0), "--tracking-uri", "off",
+                    "--out", str(tmp_path / "drift"), cwd=tmp_path)
+    assert drift.returncode == 0, drift.stderr
+    assert "salts fold 0 (pretrained)" in drift.stdout
+    assert json.loads((tmp_path / "drift/drift.json").read_text())["task"] == "salts"
 
     report = matxfer("report", "--results", str(tmp_path / "studies"), "--out",
                      str(tmp_path / "report"), cwd=tmp_path)
