@@ -3,6 +3,11 @@ composition or chemical system, or the user's own fold labels; scikit-learn does
 
 The inner validation split follows the outer rule: grouped when the outer split is grouped, so
 no formula (or chemical system) is on both sides of the validation split either.
+
+MatFold 1.3.3 (PyPI) was evaluated: it offers more split keys (space group, crystal system,
+element holdouts) but needs every pymatgen Structure in one DataFrame and writes its splits as
+files; here groups come from the cached graphs (structures are streamed, never all held) and
+classification needs StratifiedGroupKFold, so scikit-learn is used directly.
 """
 
 from __future__ import annotations
