@@ -1,6 +1,7 @@
 """Your own data end to end, as a user runs it: `data check`, `tune` (grouped folds, one bad
-row skipped), `analyze drift`, `report`, `predict` from the registry, `train` with a run config; and bad data
-stopping `tune` with one line before anything is written."""
+row skipped), `analyze drift`, `report`, `predict` from the registry, `train` with a run
+config (regression and classification); and bad data stopping `tune` with one line before
+anything is written."""
 
 from __future__ import annotations
 
@@ -67,6 +68,13 @@ def test_check_tune_report_predict_on_your_own_data(tmp_path):
     assert split["method"] == "group-composition" and "KCl-2" not in sum(
         (split[p] for p in ("train", "val", "test")), [])
     assert "KCl-2" in (fold0 / "skipped_rows.csv").read_text()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(record["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["unit"] == "Å"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"skipped_rows.csv", "split.json", "result.json"} <= logged
     summary = json.loads((fold0.parent / "summary.json").read_text())
     assert summary["matbench_record"] is None and "own data" in summary["matbench_record_note"]
 
@@ -93,10 +101,13 @@ def test_check_tune_report_predict_on_your_own_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_a_run_config_on_your_own_data(tmp_path):
+@pytest.mark.parametrize("kind, target, metric", [("regression", "y", "test_mae"),
+                                                  ("classification", "metal", "test_rocauc")])
+def test_train_with_a_run_config_on_your_own_data(kind, target, metric, tmp_path):
     data = write_data(tmp_path, spoil=False)
     run = {"data": {"task": "salts", "fold": 2, "val_fraction": 0.2,
-                    "source": {"path": str(data), "target": "y", "id_key": "id"},
+                    "source": {"path": str(data), "target": target, "id_key": "id",
+                               "kind": kind},
                     "split": {"method": "kfold", "k": 4}},
            "train": {"epochs": 1, "batch_size": 8}, "model": {"head_hidden": [16]}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
@@ -105,6 +116,11 @@ def test_train_with_a_run_config_on_your_own_data(tmp_path):
     record = json.loads((tmp_path / "out/result.json").read_text())
     split = json.loads((tmp_path / "out/split.json").read_text())
     assert record["fold"] == 2 and record["n_test"] == len(split["test"]) in (6, 7)
+    assert metric in record
+    if kind == "classification":  # stratified: both classes in every part
+        labels = {a.info["id"]: a.info["metal"] for a in crystals() + [molecule()]}
+        for part in ("train", "val", "test"):
+            assert {labels[i] for i in split[part]} == {0, 1}, part
 
 
 def relabel(atoms, suffix: str):
