@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,15 @@ def architecture(backbone: torch.nn.Module) -> dict:
 
 def build_backbone(arch: dict) -> torch.nn.Module:
     """A MACE backbone of the stored architecture (float64 build, like mace's own models, then
-    the stored dtype); its weights come from the checkpoint's state."""
+    the stored dtype); its weights come from the checkpoint's state. Constructing MACE takes
+    seconds (e3nn's code generation): a process builds each architecture once and copies it
+    (a study evaluates one checkpoint per fold; predict loads one per fold)."""
+    return copy.deepcopy(_built_backbone(json.dumps(arch, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=2)
+def _built_backbone(arch_json: str) -> torch.nn.Module:
+    arch = json.loads(arch_json)
     if arch.get("class") not in MACE_MODELS:
         raise ValueError(f"backbone class {arch.get('class')!r} is not one of {MACE_MODELS}")
     cls, config = mace_class(arch["class"]), decode(arch["config"])
