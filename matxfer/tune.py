@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import ray
@@ -252,24 +251,15 @@ def check_study(study: StudyConfig, address: str | None = None) -> str:
     return "ok: the study can start"
 
 
-def start_services(study: StudyConfig, address: str | None):
-    """Ray (local instance or cluster) and the MLflow tracker, side by side: the tracking
-    store opens (SQLite's schema check takes seconds) while Ray's processes start. An
-    unreachable server fails here, before any training."""
-    with ThreadPoolExecutor(1, thread_name_prefix="matxfer-tracking") as pool:
-        tracking = pool.submit(make_tracker, study)
-        init_ray(address)
-        return tracking.result()
-
-
 def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     """All requested folds of one task, then the per-task summary."""
     plan = preflight(study, attached_nodes(address))
     print("\n".join(plan.lines), flush=True)
     plan.raise_problems()
     cache = build_graph_cache(study, plan)  # bad data stops here: nothing written yet
-    tracker = start_services(study, address)
+    tracker = make_tracker(study)  # an unreachable server fails here, before Ray starts
     claim_folder(plan.ident)
+    init_ray(address)
     records = [run_fold(study, plan.ident, fold, tracker, cache) for fold in study.folds]
     table = summarize(study, plan.ident.folder, records)
     if tracker:

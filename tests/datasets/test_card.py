@@ -3,21 +3,14 @@ refuses data that cannot be trained on with one line (exit 2)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from ase import Atoms
 from ase.io import write
 from own_data import crystals, source
 
+from matxfer.cli import main
 from matxfer.config import DataConfig, ModelConfig
 from matxfer.datasets.card import check_dataset
-
-
-def matxfer(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "matxfer.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +46,17 @@ def test_the_card_gives_fold_sizes_cache_size_and_epoch_time(card_text):
     assert "graph cache about" in card_text and "per training epoch" in card_text
 
 
-def test_data_that_cannot_train_exits_2_with_one_line(tmp_path):
+def test_data_that_cannot_train_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     images = crystals()[:3]
     for atoms in images:
         atoms.info["y"] = "n/a"
     write(tmp_path / "bad.extxyz", images, format="extxyz")
-    proc = matxfer("data", "check", "bad.extxyz", "--target", "y", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "row row-000001: target 'n/a' is not a number" in proc.stderr
-    proc = matxfer("data", "check", "bad.extxyz", cwd=tmp_path)
-    assert proc.returncode == 2 and "a data file needs --target" in proc.stderr
-    proc = matxfer("data", "check", "bad.extxyz", "--target", "y", "--split", "random",
-                   cwd=tmp_path)
-    assert proc.returncode == 2 and "split.method" in proc.stderr
+    cases = [(["--target", "y"], "row row-000001: target 'n/a' is not a number"),
+             ([], "a data file needs --target"),
+             (["--target", "y", "--split", "random"], "split.method")]
+    for flags, needle in cases:
+        assert main(["data", "check", "bad.extxyz", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.extxyz"]
