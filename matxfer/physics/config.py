@@ -1,0 +1,85 @@
+"""The `run.physics` section and the descriptor catalogue (names, units, meaning).
+
+Kept free of torch and mace so the typed config can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Descriptor(NamedTuple):
+    unit: str
+    group: str  # what must be computed: phonons, eos, elastic, energy
+    meaning: str
+
+
+DESCRIPTORS: dict[str, Descriptor] = {
+    "phonon_max": Descriptor("cm^-1", "phonons", "largest Γ-point phonon frequency; "
+                             "approximates the last phonon-DOS peak"),
+    "phonon_mean": Descriptor("cm^-1", "phonons", "mean Γ optical frequency (the 3 acoustic "
+                              "modes left out); first moment of the Γ spectrum"),
+    "phonon_rms": Descriptor("cm^-1", "phonons", "root-mean-square Γ optical frequency; "
+                             "second moment of the Γ spectrum"),
+    "phonon_min": Descriptor("cm^-1", "phonons", "smallest Γ optical frequency; negative "
+                             "values are imaginary modes (a dynamically unstable structure)"),
+    "bulk_modulus_eos": Descriptor("GPa", "eos", "B0 of a Birch-Murnaghan fit to the energy "
+                                   "at 7 volumes (±eos_strain); approximates K_VRH"),
+    "k_vrh": Descriptor("GPa", "elastic", "Voigt-Reuss-Hill bulk modulus of the clamped-ion "
+                        "elastic tensor from ±strain finite differences of the stress"),
+    "g_vrh": Descriptor("GPa", "elastic", "Voigt-Reuss-Hill shear modulus of the same tensor"),
+    "log10_k_vrh": Descriptor("log10(GPa)", "elastic", "log10 of k_vrh (NaN when k_vrh <= 0); "
+                              "matches Matbench's log_kvrh target"),
+    "log10_g_vrh": Descriptor("log10(GPa)", "elastic", "log10 of g_vrh (NaN when g_vrh <= 0); "
+                              "matches Matbench's log_gvrh target"),
+    "energy_per_atom": Descriptor("eV/atom", "energy", "the potential's total energy per atom; "
+                                  "approximates the MPtrj DFT (PBE/PBE+U) energy"),
+}
+
+PhysicsMode = Literal["off", "zero-shot", "features", "residual"]
+
+
+class PhysicsConfig(BaseModel):
+    """Zero-shot descriptors of the pretrained potential and how the model uses them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: PhysicsMode = Field("off", description="zero-shot: a linear calibration of the "
+                              "descriptors fitted on the training fold, no fine-tuning; "
+                              "features: standardised descriptors join the pooled features at "
+                              "the head; residual: fine-tune to the target minus the "
+                              "calibrated descriptors; off: not used")
+    descriptors: list[str] = Field(default_factory=list, description="names from "
+                                   "matxfer.physics.config.DESCRIPTORS")
+    relax: Literal["none", "positions"] = Field(
+        "none", description="relax atomic positions with the potential (FIRE, cell fixed) "
+        "before the descriptors are computed")
+    displacement: float = Field(0.01, gt=0.0, le=0.1, description="finite-difference "
+                                "displacement of the Hessian, Å")
+    strain: float = Field(0.005, gt=0.0, le=0.05, description="finite strain of the elastic "
+                          "tensor (engineering strain)")
+    eos_strain: float = Field(0.06, gt=0.0, le=0.2, description="volume range ±fraction of "
+                              "the energy-volume fit")
+    max_atoms: int = Field(64, ge=1, description="structures with more atoms get NaN for the "
+                           "phonon descriptors (the Hessian costs 6n forces of n atoms)")
+    batch_atoms: int = Field(4096, ge=64, description="atoms per forward pass of the potential")
+
+    @model_validator(mode="after")
+    def _known_descriptors(self) -> PhysicsConfig:
+        unknown = [d for d in self.descriptors if d not in DESCRIPTORS]
+        if unknown:
+            raise ValueError(f"unknown descriptor {unknown[0]!r}; allowed: "
+                             f"{', '.join(DESCRIPTORS)}")
+        if len(set(self.descriptors)) != len(self.descriptors):
+            raise ValueError(f"descriptors listed twice in {self.descriptors}")
+        if self.mode != "off" and not self.descriptors:
+            raise ValueError(f"physics.mode {self.mode!r} needs physics.descriptors; allowed: "
+                             f"{', '.join(DESCRIPTORS)}")
+        return self
+
+    def groups(self) -> list[str]:
+        """The computations the chosen descriptors need, in catalogue order."""
+        wanted = {DESCRIPTORS[d].group for d in self.descriptors}
+        return [g for g in ("energy", "phonons", "eos", "elastic") if g in wanted]

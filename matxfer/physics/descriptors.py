@@ -1,0 +1,229 @@
+"""Zero-shot physics of the pretrained potential, many structures at a time.
+
+- Γ phonons: the Hessian by central differences of forces (each of the 3n coordinates moved
+  by ±h: 6n copies through the model in one batch), mass-weighted, eigenvalues -> cm⁻¹
+  (imaginary modes as negative numbers);
+- bulk modulus: Birch-Murnaghan fit (ASE's EquationOfState) to the energy at 7 volumes;
+- elastic tensor: central differences of the stress under ±strain for the 6 Voigt strains
+  (clamped ions), Voigt-Reuss-Hill K and G.
+A structure where a computation fails gets NaN for its descriptors, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from ase.data import atomic_masses
+from ase.units import GPa, _amu, _c, _e
+
+from matxfer.physics.config import DESCRIPTORS, PhysicsConfig
+from matxfer.physics.potential import Edges, Frame, Potential
+
+# sqrt(eV / (Å² amu)) in cm⁻¹ (≈ 521.47): angular frequency / (2π c)
+CM1 = math.sqrt(_e / (1e-20 * _amu)) / (2 * math.pi * _c * 100)
+EOS_POINTS = 7
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def skin(cfg: PhysicsConfig, r_max: float) -> float:
+    """Neighbour-list skin covering every copy: the largest strain's stretch of r_max plus
+    twice the displacement."""
+    stretch = max((1 + cfg.eos_strain) ** (1 / 3) - 1, cfg.strain)
+    return r_max * stretch + 2 * cfg.displacement + 0.05
+
+
+def displaced(frame: Frame, h: float) -> list[Frame]:
+    """6n copies: atom a moved by +h then -h along x, y, z (order: a, axis, sign)."""
+    out = []
+    for a in range(len(frame.numbers)):
+        for k in range(3):
+            for sign in (1.0, -1.0):
+                pos = frame.positions.copy()
+                pos[a, k] += sign * h
+                out.append(Frame(frame.numbers, pos, frame.cell, frame.pbc))
+    return out
+
+
+def hessian(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
+    """Symmetrised Hessian [3n,3n] eV/Å² from the forces [n,3] of the `displaced` copies."""
+    plus, minus = np.stack(forces[0::2]), np.stack(forces[1::2])  # [3n, n, 3]
+    rows = -(plus - minus).reshape(len(plus), -1) / (2 * h)
+    return 0.5 * (rows + rows.T)
+
+
+def frequencies(hess: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """Γ frequencies [3n] cm⁻¹, ascending, of the mass-weighted Hessian [3n,3n] eV/Å²;
+    imaginary modes are returned as negative numbers."""
+    inv_sqrt_m = np.repeat(1.0 / np.sqrt(atomic_masses[numbers]), 3)
+    dyn = hess * inv_sqrt_m[:, None] * inv_sqrt_m[None, :]
+    lam = np.linalg.eigvalsh(0.5 * (dyn + dyn.T))
+    return np.sign(lam) * np.sqrt(np.abs(lam)) * CM1
+
+
+def spectrum_moments(freqs: np.ndarray, periodic: bool) -> dict[str, float]:
+    """phonon_max/mean/rms/min of a Γ spectrum [3n] cm⁻¹; the rigid-body modes (3 smallest
+    |ω| for a crystal, 6 for a molecule) are left out of mean, rms and min."""
+    n_rigid = 3 if periodic else min(6, len(freqs))
+    optical = freqs[np.sort(np.argsort(np.abs(freqs))[n_rigid:])]
+    if not len(optical):
+        return dict.fromkeys(("phonon_max", "phonon_mean", "phonon_rms", "phonon_min"), math.nan)
+    return {"phonon_max": float(freqs.max()), "phonon_mean": float(optical.mean()),
+            "phonon_rms": float(np.sqrt(np.mean(optical ** 2))),
+            "phonon_min": float(optical.min())}
+
+
+def strain_gradients(delta: float) -> list[np.ndarray]:
+    """12 deformation gradients I + ε: per Voigt component j, +delta then -delta
+    (engineering strain: a shear ε_yz = ε_zy = delta/2)."""
+    out = []
+    for i, k in VOIGT:
+        for sign in (1.0, -1.0):
+            eps = np.zeros((3, 3))
+            eps[i, k] = eps[k, i] = sign * delta * (1.0 if i == k else 0.5)
+            out.append(np.eye(3) + eps)
+    return out
+
+
+def elastic_tensor(stresses: np.ndarray, delta: float) -> np.ndarray:
+    """C [6,6] GPa (Voigt) from the stresses [12,3,3] eV/Å³ of the `strain_gradients` copies."""
+    voigt = np.array([[s[i, k] for i, k in VOIGT] for s in stresses])  # [12, 6]
+    c = (voigt[0::2] - voigt[1::2]).T / (2 * delta) / GPa  # column j: response to strain j
+    return 0.5 * (c + c.T)
+
+
+def vrh(c: np.ndarray) -> tuple[float, float]:
+    """Voigt-Reuss-Hill (K, G) in the units of the elastic tensor c [6,6] (Voigt notation)."""
+    k_v = (c[0, 0] + c[1, 1] + c[2, 2] + 2 * (c[0, 1] + c[1, 2] + c[0, 2])) / 9
+    g_v = (c[0, 0] + c[1, 1] + c[2, 2] - (c[0, 1] + c[1, 2] + c[0, 2])
+           + 3 * (c[3, 3] + c[4, 4] + c[5, 5])) / 15
+    s = np.linalg.inv(c)
+    k_r = 1 / (s[0, 0] + s[1, 1] + s[2, 2] + 2 * (s[0, 1] + s[1, 2] + s[0, 2]))
+    g_r = 15 / (4 * (s[0, 0] + s[1, 1] + s[2, 2]) - 4 * (s[0, 1] + s[1, 2] + s[0, 2])
+                + 3 * (s[3, 3] + s[4, 4] + s[5, 5]))
+    return float((k_v + k_r) / 2), float((g_v + g_r) / 2)
+
+
+def eos_gradients(eos_strain: float) -> list[np.ndarray]:
+    """Isotropic deformations to volumes V0 (1 + s), s evenly in [-eos_strain, eos_strain]."""
+    return [np.eye(3) * (1 + s) ** (1 / 3)
+            for s in np.linspace(-eos_strain, eos_strain, EOS_POINTS)]
+
+
+def bulk_modulus_eos(volumes: np.ndarray, energies: np.ndarray) -> float:
+    """B0 in GPa of a Birch-Murnaghan fit; NaN when the fit fails or its minimum lies outside
+    the sampled volumes."""
+    from ase.eos import EquationOfState
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v0, _, b = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+    except Exception:  # ASE raises several types when the fit does not converge
+        return math.nan
+    if not (volumes.min() <= v0 <= volumes.max()) or not np.isfinite(b):
+        return math.nan
+    return float(b / GPa)
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 else math.nan
+
+
+Plan = list[tuple[Frame, Edges]]
+
+
+def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig) -> Plan:
+    if group == "energy":
+        return [(frame, edges)]
+    if group == "phonons":
+        if len(frame.numbers) > cfg.max_atoms:
+            return []
+        return [(f, edges) for f in displaced(frame, cfg.displacement)]
+    if not frame.periodic:  # volumes and strains need a cell
+        return []
+    grads = eos_gradients(cfg.eos_strain) if group == "eos" else strain_gradients(cfg.strain)
+    return [(frame.deformed(g), edges) for g in grads]
+
+
+def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, energies, forces,
+                  stresses) -> dict[str, float]:
+    if group == "energy":
+        return {"energy_per_atom": float(energies[0]) / len(frame.numbers)}
+    if group == "phonons":
+        return spectrum_moments(frequencies(hessian(forces, cfg.displacement), frame.numbers),
+                                frame.periodic)
+    if group == "eos":
+        volume = abs(np.linalg.det(frame.cell))
+        volumes = np.array([volume * np.linalg.det(g) for g in eos_gradients(cfg.eos_strain)])
+        return {"bulk_modulus_eos": bulk_modulus_eos(volumes, np.asarray(energies))}
+    k, g = vrh(elastic_tensor(stresses, cfg.strain))
+    return {"k_vrh": k, "g_vrh": g, "log10_k_vrh": _log10(k), "log10_g_vrh": _log10(g)}
+
+
+def describe(frames: Sequence[Frame], potential: Potential, cfg: PhysicsConfig,
+             on_done: Callable[[int], None] | None = None) -> np.ndarray:
+    """Descriptors [N, len(cfg.descriptors)] (units in DESCRIPTORS) of the frames; NaN where
+    a computation fails or does not apply. The copies of a group of structures go through the
+    potential together; `on_done(k)` reports k more structures finished."""
+    out = np.full((len(frames), len(cfg.descriptors)), np.nan)
+    column = {name: j for j, name in enumerate(cfg.descriptors)}
+    start = 0
+    while start < len(frames):
+        stop = _group_end(frames, start, potential.batch_atoms, cfg)
+        for i, values in zip(range(start, stop), _describe_group(frames[start:stop], potential,
+                                                                 cfg)):
+            for name, value in values.items():
+                if name in column:
+                    out[i, column[name]] = value
+        if on_done:
+            on_done(stop - start)
+        start = stop
+    return out
+
+
+def _group_end(frames: Sequence[Frame], start: int, batch_atoms: int, cfg: PhysicsConfig
+               ) -> int:
+    """End of a group of structures whose copies fill about 4 batches of the potential."""
+    atoms, stop = 0, start
+    while stop < len(frames) and (stop == start or atoms < 4 * batch_atoms):
+        n = len(frames[stop].numbers)
+        atoms += n * (1 + 6 * min(n, cfg.max_atoms) + 20)
+        stop += 1
+    return stop
+
+
+def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsConfig
+                    ) -> list[dict[str, float]]:
+    values: list[dict[str, float]] = [{} for _ in frames]
+    edges = []
+    for frame in frames:
+        try:
+            edges.append(potential.edges(frame, skin(cfg, potential.r_max)))
+        except Exception:  # a structure the neighbour list cannot take: NaN
+            edges.append(None)
+    for group in cfg.groups():
+        plans = [_group_frames(f, e, group, cfg) if e is not None else []
+                 for f, e in zip(frames, edges)]
+        flat = [item for plan in plans for item in plan]
+        energies, forces, stresses = potential.evaluate(flat, stress=group == "elastic")
+        at = 0
+        for i, plan in enumerate(plans):
+            if not plan:
+                continue
+            part = slice(at, at + len(plan))
+            at += len(plan)
+            try:
+                values[i].update(_group_values(
+                    frames[i], group, cfg, energies[part], forces[part],
+                    None if stresses is None else stresses[part]))
+            except (np.linalg.LinAlgError, ValueError, ZeroDivisionError):
+                pass  # NaN stays
+    return values
+
+
+def names_and_units(cfg: PhysicsConfig) -> list[str]:
+    """'name [unit]' of each chosen descriptor, for logs and tables."""
+    return [f"{d} [{DESCRIPTORS[d].unit}]" for d in cfg.descriptors]
