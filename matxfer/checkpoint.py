@@ -225,6 +225,10 @@ def head_hidden(model: PropertyModel) -> list[int]:
     return [m.out_features for m in linears[:-1]]
 
 
+def n_physics(model: PropertyModel) -> int:
+    return len(model.phys_mean) if model.physics != "off" else 0
+
+
 def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: TargetScaler,
                   z_table, state: dict | None = None) -> dict:
     """A format-2 checkpoint of `model` (weights `state`, default the model's own)."""
@@ -235,7 +239,8 @@ def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: 
                       "kind": spec.kind, "metric": spec.metric},
         "config": portable_config(cfg), "foundation": foundation_record(cfg.model),
         "backbone": model_architecture(model, cfg.model),
-        "head": {"pooling": model.pooling, "hidden": head_hidden(model)},
+        "head": {"pooling": model.pooling, "hidden": head_hidden(model),
+                 "physics": model.physics, "n_physics": n_physics(model)},
         "z_table": [int(z) for z in z_table], "scaler": plain(scaler.state()),
         "model_state": state if state is not None else model.state_dict(),
     }
@@ -281,7 +286,8 @@ def model_from_payload(payload: dict) -> PropertyModel:
     backbone = build_backbone(payload["backbone"])
     head = payload["head"]
     with torch.random.fork_rng():
-        model = PropertyModel(backbone, head["pooling"], list(head["hidden"]))
+        model = PropertyModel(backbone, head["pooling"], list(head["hidden"]),
+                              head.get("physics", "off"), head.get("n_physics", 0))
     missing, unexpected = model.load_state_dict(payload["model_state"], strict=False)
     # flags newer mace versions add to symmetric contractions; a pickled foundation model from
     # an older mace lacks them and its forward never reads them: the fresh defaults stand

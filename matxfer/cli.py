@@ -11,6 +11,12 @@ import sys
 from matxfer.config import VARIANTS
 from matxfer.errors import StudyInterrupted, UserError
 
+
+def _names(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b']"""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 # CLI flag -> dotted config path; every override goes through the same pydantic model.
 TRAIN_FLAGS = {
     "task": ("data.task", str), "fold": ("data.fold", int),
@@ -28,6 +34,7 @@ TRAIN_FLAGS = {
     "lp_epochs": ("strategy.lp_epochs", int), "lr_decay": ("strategy.lr_decay", float),
     "freeze_blocks": ("strategy.freeze_blocks", int),
     "compile": ("train.compile", str), "kernels": ("model.kernels", str),
+    "physics": ("model.physics.mode", str), "descriptors": ("model.physics.descriptors", _names),
 }
 
 # `data check FILE`: the data section, from flags (names as in the YAML)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from matxfer.errors import UserError
+from matxfer.physics.config import PhysicsConfig
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
 
 Pooling = Literal["mean", "sum", "max", "mean+max"]
@@ -126,6 +127,9 @@ class ModelConfig(_Strict):
     kernels: Literal["e3nn", "cueq"] = Field(
         "e3nn", description="'cueq': compute with cuequivariance kernels (matxfer.kernels, "
         "the optional extra matxfer[cueq]); same weights and results")
+    physics: PhysicsConfig | None = Field(
+        None, description="zero-shot descriptors of the pretrained potential and how the "
+        "model uses them (matxfer.physics)")
 
     @model_validator(mode="after")
     def _one_compute_path(self) -> ModelConfig:
@@ -411,6 +415,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "freeze": {"name": "freeze", **_PLAIN, "search.freeze_blocks": [1, 2]},
     # plain fine-tuning, the readout pooling picked by validation (a per-task pilot)
     "pooling": {"name": "pooling", **_PLAIN, "search.pooling": ["mean", "max"]},
+    # physics of the pretrained potential (run.model.physics.descriptors from the config):
+    # its calibrated descriptors alone, as head features, or as the baseline of a residual
+    "zero-shot": {"name": "zero-shot", **_PLAIN, "run.model.physics.mode": "zero-shot"},
+    "phys-features": {"name": "phys-features", **_PLAIN, "run.model.physics.mode": "features"},
+    "phys-residual": {"name": "phys-residual", **_PLAIN, "run.model.physics.mode": "residual"},
 }
 
 

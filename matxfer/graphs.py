@@ -44,6 +44,7 @@ class GraphSet:
     shifts: torch.Tensor  # [sum edges, 3] Å, periodic image shift of each edge
     z_table: tuple[int, ...]
     skipped: list = field(default_factory=list)  # (id, reason) of rows left out
+    descriptors: np.ndarray | None = None  # [N, d] matxfer.physics descriptors (not cached)
 
     def __post_init__(self) -> None:
         zero = torch.zeros(1, dtype=torch.long)
@@ -245,7 +246,8 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
     """A batch of structures (row positions in `graphs`) as MACE's input dict.
 
     Keys: node_attrs [n, n_elements] one-hot, positions [n,3], edge_index [2,E] (global),
-    shifts [E,3], batch [n], ptr [B+1], y [B] (task units, float64).
+    shifts [E,3], batch [n], ptr [B+1], y [B] (task units, float64); phys [B,d] (float64,
+    NaN where a descriptor failed) when the graphs carry descriptors.
     """
     rows_t = torch.as_tensor(rows, dtype=torch.long)
     na, ne = graphs.n_atoms[rows_t], graphs.n_edges[rows_t]
@@ -266,6 +268,8 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
         "ptr": torch.cat([torch.zeros(1, dtype=torch.long), na.cumsum(0)]),
         "y": torch.as_tensor(graphs.targets[rows_t.numpy()]),
     }
+    if graphs.descriptors is not None:
+        batch["phys"] = torch.as_tensor(graphs.descriptors[rows_t.numpy()])
     return to_device(batch, device)
 
 

@@ -30,10 +30,10 @@ NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "stud
            "scaling.gpus_per_worker",
            "run.data.fold", "run.data.data_dir", "run.data.cache_dir", "run.model.source",
            "run.model.kernels", "run.train.threads", "run.train.device", "run.train.compile",
-           "run.train.prefetch_batches")
+           "run.train.prefetch_batches", "run.model.physics.batch_atoms")
 
 # Sections added after studies were fingerprinted: unset, they leave the fingerprint as it was.
-UNSET_IS_ABSENT = ("run.data.source", "run.data.split")
+UNSET_IS_ABSENT = ("run.data.source", "run.data.split", "run.model.physics")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -167,7 +167,8 @@ class PropertyModel(nn.Module):
     """MACE backbone -> per-layer invariant node features -> pooled -> MLP head -> [B]."""
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean",
-                 head_hidden: list[int] | None = None) -> None:
+                 head_hidden: list[int] | None = None, physics: str = "off",
+                 n_physics: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
@@ -176,8 +177,34 @@ class PropertyModel(nn.Module):
         for i, c in enumerate(cols):
             self.register_buffer(f"scalar_cols_{i}", c, persistent=False)
         width = sum(len(c) for c in cols) * (2 if pooling == "mean+max" else 1)
-        self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(
-            next(backbone.parameters()).dtype)
+        width += n_physics if physics == "features" else 0
+        dtype = next(backbone.parameters()).dtype
+        self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(dtype)
+        self.physics = physics
+        if physics != "off":  # set from the training fold (set_physics), saved with the weights
+            for name, shape in (("phys_mean", n_physics), ("phys_std", n_physics),
+                                ("calib_w", n_physics), ("calib_b", ())):
+                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        if physics == "residual":  # start from the calibrated descriptors exactly
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+
+    def set_physics(self, calibration: dict[str, np.ndarray]) -> None:
+        """Descriptor standardisation (mean, std [d]) and calibration (w [d], b []) from
+        matxfer.physics.calibration.calibrate."""
+        for name, key in (("phys_mean", "mean"), ("phys_std", "std"), ("calib_w", "w"),
+                          ("calib_b", "b")):
+            buf = getattr(self, name)
+            buf.copy_(torch.as_tensor(calibration[key], dtype=buf.dtype))
+
+    def _physics_z(self, batch: dict) -> torch.Tensor:
+        """Standardised descriptors [B, d]; a failed (NaN) descriptor is the training mean, 0."""
+        z = (batch["phys"].to(self.phys_mean.dtype) - self.phys_mean) / self.phys_std
+        return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def calibrated(self, batch: dict) -> torch.Tensor:
+        """The descriptors' linear calibration [B], in standardised target space (logits)."""
+        return self._physics_z(batch) @ self.calib_w + self.calib_b
 
     def restrict_elements(self, elements: list[int]) -> None:
         """Run the backbone on these elements only (same results, less compute; see
@@ -217,9 +244,20 @@ class PropertyModel(nn.Module):
         return [pool(f, batch["batch"], n_graphs, self.pooling) for f in self.layer_features(batch)]
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns (prediction [B] in standardised target space, pooled per-layer features)."""
+        """Returns (prediction [B] in standardised target space, pooled per-layer features).
+        Physics: zero-shot is the calibration alone (no backbone pass, no features); features
+        joins the standardised descriptors to the head's input; residual adds the
+        calibration to the head's output."""
+        if self.physics == "zero-shot":
+            return self.calibrated(batch), []
         pooled = self.pooled_layer_features(batch)
-        return self.head(torch.cat(pooled, dim=-1)).squeeze(-1), pooled
+        x = torch.cat(pooled, dim=-1)
+        if self.physics == "features":
+            x = torch.cat([x, self._physics_z(batch).to(x.dtype)], dim=-1)
+        out = self.head(x).squeeze(-1)
+        if self.physics == "residual":
+            out = out + self.calibrated(batch).to(out.dtype)
+        return out, pooled
 
     def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable backbone parameters (the ones L2-SP anchors)."""
@@ -285,9 +323,12 @@ def build_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:
     backbone = load_backbone(cfg.source, cfg.init, cfg.init_seed, dtype)
     if for_compile:
         backbone = compile_ready(backbone)
+    physics = cfg.physics
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
-        model = PropertyModel(backbone, cfg.pooling, cfg.head_hidden)
+        model = PropertyModel(backbone, cfg.pooling, cfg.head_hidden,
+                              physics.mode if physics else "off",
+                              len(physics.descriptors) if physics else 0)
     if cfg.kernels == "cueq":
         model.use_cueq_kernels()
     return model

@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
 from matxfer.config import RunConfig
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
 from matxfer.model import PropertyModel, TargetScaler
+from matxfer.physics.cache import compute, potential_of
+from matxfer.physics.potential import frame_of
 
 __all__ = ["CHECKPOINT_FILE", "Predictor", "load_predictor", "predict_files"]
 
@@ -39,6 +41,8 @@ def load_predictor(path: Path) -> Predictor:
     loaded weights-only and rebuilt from its stored architecture, so neither the foundation
     weights nor the training data are needed. Always on e3nn, whatever kernels trained it."""
     model, scaler, cfg, payload = load_checkpoint(path)
+    if model.physics != "off":  # its descriptors need the very foundation it was trained with
+        check_foundation(payload, cfg.model)
     return Predictor(model, scaler, cfg, payload["task"])
 
 
@@ -160,6 +164,7 @@ def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet 
     graphs = graph_set_from_parts([str(r[0]) for r in rows], [r[2] for r in rows],
                                   np.zeros(len(rows)), z_table, dtype)
     graphs.formulas = [r[1].composition.reduced_formula for r in rows]
+    graphs.structures = [r[1] for r in rows]
     return graphs, errors
 
 
@@ -170,8 +175,23 @@ def one_line(err: Exception) -> str:
     return (first if plain else f"{type(err).__name__}: {first}")[:300]
 
 
+def physics_descriptors(predictor: Predictor, structures: list, known: dict) -> np.ndarray | None:
+    """Descriptors [N, d] of the structures under the predictor's physics settings (None when
+    it uses none); `known` keeps them per settings, shared by an ensemble's members."""
+    physics = predictor.cfg.model.physics
+    if physics is None or physics.mode == "off":
+        return None
+    key = (predictor.cfg.model.source, physics.model_dump_json())
+    if key not in known:
+        known[key] = compute([frame_of(s) for s in structures],
+                             potential_of(predictor.cfg.model, physics), physics, progress=False)
+    return known[key]
+
+
 @torch.no_grad()
 def predict_graphs(predictor: Predictor, graphs: GraphSet, batch_size: int = 32) -> np.ndarray:
+    """Predictions [N] in task units; graphs.descriptors must hold the predictor's physics
+    descriptors when it uses them (physics_descriptors)."""
     out = []
     for start in range(0, len(graphs), batch_size):
         batch = collate(graphs, list(range(start, min(len(graphs), start + batch_size))))
@@ -188,7 +208,12 @@ def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.
                              float(first.r_max), next(first.parameters()).dtype)
     table = pd.DataFrame(errors, columns=["file", "formula", "error"])
     if graphs is not None:
-        preds = np.stack([predict_graphs(p, graphs, batch_size) for p in predictors])
+        known: dict = {}
+        preds = []
+        for p in predictors:
+            graphs.descriptors = physics_descriptors(p, graphs.structures, known)
+            preds.append(predict_graphs(p, graphs, batch_size))
+        preds = np.stack(preds)
         good = pd.DataFrame({"file": graphs.ids, "formula": graphs.formulas,
                              "prediction": preds.mean(0), "error": ""})
         if len(predictors) > 1:

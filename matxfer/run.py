@@ -23,9 +23,11 @@ from matxfer.config import RunConfig
 from matxfer.datasets.loading import data_files, fold_split
 from matxfer.elements import present_elements
 from matxfer.errors import UserError
-from matxfer.graphs import VerifiedCache, task_graphs
+from matxfer.graphs import GraphSet, VerifiedCache, task_graphs
 from matxfer.metrics import score
 from matxfer.model import PropertyModel, TargetScaler, build_model
+from matxfer.physics.cache import aligned, descriptor_table
+from matxfer.physics.calibration import calibrate
 from matxfer.storage import save_checked
 from matxfer.train import FoldData, TrainResult, fit, loader_options, predict
 
@@ -61,7 +63,22 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
         raise UserError(f"model.target_transform 'log' needs positive targets; {spec.name} has "
                         f"values <= 0 (use 'none')")
     scaler = TargetScaler(y_train, log=log, classification=spec.kind == "classification")
+    physics = cfg.model.physics
+    if physics is not None and physics.mode != "off":
+        attach_physics(cfg, model, graphs, split.train, scaler, progress)
     return FoldData(spec, graphs, split, scaler)
+
+
+def attach_physics(cfg: RunConfig, model: PropertyModel, graphs: GraphSet, train_ids: list[str],
+                   scaler: TargetScaler, progress: bool) -> None:
+    """Descriptors of every structure (cached) onto the graphs; their standardisation and
+    calibration fitted on the training split only (never validation or test) into `model`."""
+    physics = cfg.model.physics
+    table = descriptor_table(cfg.data, cfg.model, physics, progress)
+    graphs.descriptors = aligned(table, graphs.ids, len(physics.descriptors))
+    rows = graphs.positions_of(train_ids)
+    y = scaler.encode(torch.as_tensor(graphs.targets[rows])).numpy()
+    model.set_physics(calibrate(graphs.descriptors[rows], y, scaler.classification))
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

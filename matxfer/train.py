@@ -220,6 +220,37 @@ def probe_head(raw: PropertyModel, data: FoldData, cfg: RunConfig, device, world
 EpochCallback = Callable[[dict, TrainResult, Callable[[], dict]], None]
 
 
+@torch.no_grad()
+def zero_shot(raw: PropertyModel, data: FoldData, cfg: RunConfig, device,
+              on_epoch: EpochCallback | None, log: Callable[[str], None] | None) -> TrainResult:
+    """No training: one row with the calibration's training loss and validation score."""
+    spec, batch_size = data.spec, cfg.train.batch_size * 2
+    started = time.perf_counter()
+    losses, n = 0.0, 0
+    for batch in iterate_batches(data.graphs, data.rows["train"], batch_size, device=device):
+        out, _ = raw(batch)
+        losses += float(task_loss(spec, out, data.scaler.encode(batch["y"]).to(out.dtype)))
+        n += 1
+    seconds = time.perf_counter() - started
+    metric = f"val_{spec.metric}"
+    row = {"epoch": 1, "lr": 0.0, "train_loss": losses / max(n, 1),
+           "task_loss": losses / max(n, 1), "l2sp_term": 0.0, "bss_term": 0.0,
+           "seconds": seconds, "structures_per_s": len(data.rows["train"]) / max(seconds, 1e-9)}
+    started = time.perf_counter()
+    row[metric] = score(spec, *predict(raw, data, "val", batch_size, device))
+    row["val_seconds"] = time.perf_counter() - started
+    result = TrainResult([row], 1, row[metric], copy.deepcopy(raw.state_dict()))
+    if log:
+        log(f"zero-shot physics: calibration fitted on the training split, {metric} "
+            f"{row[metric]:.4f} (no fine-tuning)")
+    if on_epoch:
+        on_epoch(row, result, lambda: {
+            "epoch": 1, "model": raw.state_dict(), "optimizer": {}, "scheduler": {},
+            "history": [row], "best_epoch": 1, "best_val": row[metric],
+            "best_state": result.best_state})
+    return result
+
+
 def compiled(model: nn.Module, backend: str) -> nn.Module:
     """torch.compile for the training step: shapes change every batch, so dynamic; the
     backbone must come from model.compile_ready (build_model(..., for_compile=True))."""
@@ -239,6 +270,8 @@ def fit(model: nn.Module, data: FoldData, cfg: RunConfig, device: torch.device |
     checkpoints); `state()` builds the `training_state` dict that `resume` continues from.
     """
     raw: PropertyModel = getattr(model, "module", model)
+    if raw.physics == "zero-shot":  # the calibration fitted on the training fold is the model
+        return zero_shot(raw, data, cfg, device, on_epoch, log)
     spec, t = data.spec, cfg.train
     torch.manual_seed(t.seed)
     freeze_blocks(raw, cfg.strategy.freeze_blocks)  # before DDP wrapping too (callers do it)

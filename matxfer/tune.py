@@ -22,6 +22,7 @@ from matxfer.datasets.loading import fold_split
 from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
+from matxfer.physics.cache import descriptor_table
 from matxfer.preflight import LOCAL_CPUS, Plan, preflight
 from matxfer.progress import StudyProgress, quiet_ray_output
 from matxfer.records import summarize
@@ -172,6 +173,9 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
             fold_split(d.model_copy(update={"fold": fold}), graphs)
 
     splits(task_graphs(*args, check=splits))  # a cached set is checked too
+    physics = study.run.model.physics
+    if physics is not None and physics.mode != "off":  # computed once, before any trial
+        descriptor_table(d, study.run.model, physics)
     path = cache_file(*args)
     return str(path.resolve()), recorded_sha256(path)
 

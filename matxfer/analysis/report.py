@@ -23,7 +23,9 @@ JMP_S = {"matbench_jdft2d": 30.16, "matbench_phonons": 22.77, "matbench_dielectr
 VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
                    "main": "MP0 (L2-SP+BSS)"}
 # strategies beyond the paper: a column each, shown when the experiment holds such runs
-STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze"}
+STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze",
+                    "zero-shot": "MP0 physics zero-shot", "phys-features": "MP0 + physics "
+                    "features", "phys-residual": "MP0 physics residual"}
 CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
 METRICS = ("mae", "rocauc")  # regression, classification
 

@@ -47,10 +47,16 @@ def displaced(frame: Frame, h: float) -> list[Frame]:
     return out
 
 
-def hessian(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
-    """Symmetrised Hessian [3n,3n] eV/Å² from the forces [n,3] of the `displaced` copies."""
+def hessian_rows(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
+    """Central-difference Hessian [3n,3n] eV/Å² (row i: coordinate i displaced) from the
+    forces [n,3] of the `displaced` copies; symmetric up to finite-difference error."""
     plus, minus = np.stack(forces[0::2]), np.stack(forces[1::2])  # [3n, n, 3]
-    rows = -(plus - minus).reshape(len(plus), -1) / (2 * h)
+    return -(plus - minus).reshape(len(plus), -1) / (2 * h)
+
+
+def hessian(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
+    """The symmetrised Hessian [3n,3n] eV/Å²."""
+    rows = hessian_rows(forces, h)
     return 0.5 * (rows + rows.T)
 
 
@@ -63,10 +69,19 @@ def frequencies(hess: np.ndarray, numbers: np.ndarray) -> np.ndarray:
     return np.sign(lam) * np.sqrt(np.abs(lam)) * CM1
 
 
-def spectrum_moments(freqs: np.ndarray, periodic: bool) -> dict[str, float]:
-    """phonon_max/mean/rms/min of a Γ spectrum [3n] cm⁻¹; the rigid-body modes (3 smallest
-    |ω| for a crystal, 6 for a molecule) are left out of mean, rms and min."""
-    n_rigid = 3 if periodic else min(6, len(freqs))
+def rigid_modes(frame: Frame) -> int:
+    """Zero-frequency modes: 3 translations of a crystal; a molecule also rotates (3 more,
+    2 when it is linear)."""
+    if frame.periodic:
+        return 3
+    centred = frame.positions - frame.positions.mean(axis=0)
+    linear = len(centred) < 3 or np.linalg.svd(centred, compute_uv=False)[1] < 1e-3
+    return min(5 if linear else 6, 3 * len(centred))
+
+
+def spectrum_moments(freqs: np.ndarray, n_rigid: int) -> dict[str, float]:
+    """phonon_max/mean/rms/min of a Γ spectrum [3n] cm⁻¹; the `n_rigid` smallest |ω|
+    (translations, rotations: `rigid_modes`) are left out of mean, rms and min."""
     optical = freqs[np.sort(np.argsort(np.abs(freqs))[n_rigid:])]
     if not len(optical):
         return dict.fromkeys(("phonon_max", "phonon_mean", "phonon_rms", "phonon_min"), math.nan)
@@ -154,7 +169,7 @@ def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, energies, forces
         return {"energy_per_atom": float(energies[0]) / len(frame.numbers)}
     if group == "phonons":
         return spectrum_moments(frequencies(hessian(forces, cfg.displacement), frame.numbers),
-                                frame.periodic)
+                                rigid_modes(frame))
     if group == "eos":
         volume = abs(np.linalg.det(frame.cell))
         volumes = np.array([volume * np.linalg.det(g) for g in eos_gradients(cfg.eos_strain)])
@@ -200,6 +215,9 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
     values: list[dict[str, float]] = [{} for _ in frames]
     edges = []
     for frame in frames:
+        if not set(frame.numbers.tolist()) <= set(potential.z_index):
+            edges.append(None)  # an element outside the potential: NaN
+            continue
         try:
             edges.append(potential.edges(frame, skin(cfg, potential.r_max)))
         except Exception:  # a structure the neighbour list cannot take: NaN

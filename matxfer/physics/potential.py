@@ -57,10 +57,12 @@ def frame_of(structure) -> Frame:
 
 class Potential:
     """Energies [eV], forces [eV/Å] and stresses [eV/Å^3, ASE sign: (1/V) dE/dstrain] of
-    frames, evaluated in float64 in batches of at most `batch_atoms` atoms."""
+    frames, evaluated in `dtype` in batches of at most `batch_atoms` atoms."""
 
-    def __init__(self, backbone: nn.Module, batch_atoms: int = 1024) -> None:
-        self.model = copy.deepcopy(backbone).double().eval()
+    def __init__(self, backbone: nn.Module, batch_atoms: int = 512,
+                 dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
+        self.model = copy.deepcopy(backbone).to(dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.z_index = {int(z): i for i, z in enumerate(backbone.atomic_numbers)}
@@ -105,10 +107,10 @@ class Potential:
         with torch.enable_grad():
             out = self.model(batch, training=False, compute_force=True, compute_stress=stress)
         ptr = batch["ptr"].tolist()
-        f = out["forces"].detach().numpy()
+        f = out["forces"].detach().double().numpy()
         forces = [f[ptr[i]:ptr[i + 1]] for i in range(len(chunk))]
-        s = out["stress"].detach().numpy() if stress else None
-        return out["energy"].detach().numpy(), forces, s
+        s = out["stress"].detach().double().numpy() if stress else None
+        return out["energy"].detach().double().numpy(), forces, s
 
     def _collate(self, chunk) -> dict[str, torch.Tensor]:
         unknown = {int(z) for frame, _ in chunk for z in frame.numbers} - set(self.z_index)
@@ -122,10 +124,10 @@ class Potential:
         unit_shifts = np.concatenate([e.unit_shifts for _, e in chunk])
         cells = np.stack([f.cell for f, _ in chunk])
         shifts = np.einsum("ei,eij->ej", unit_shifts, cells[batch_of_atom[edge_index[0]]])
-        t = lambda a, dt=torch.float64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
+        t = lambda a, dt=self.dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
         return {
             "node_attrs": torch.nn.functional.one_hot(t(species, torch.long),
-                                                      len(self.z_index)).double(),
+                                                      len(self.z_index)).to(self.dtype),
             "positions": t(np.concatenate([f.positions for f, _ in chunk])),
             "edge_index": t(edge_index, torch.long), "unit_shifts": t(unit_shifts),
             "shifts": t(shifts), "cell": t(cells.reshape(-1, 3)),
