@@ -55,6 +55,9 @@ def study_settings(study: StudyConfig, data_sha256: str, weights_sha256: str) ->
     """The settings that define the study's results, flattened to dotted keys; the data file
     and the model weights enter by content hash (their paths do not matter)."""
     flat = _flatten(study.model_dump(mode="json"))
+    if flat.get("run.model.physics.mode") == "off":  # descriptors named but not used
+        flat = {k: v for k, v in flat.items() if not k.startswith("run.model.physics.")}
+        flat["run.model.physics"] = None
     settings = {k: v for k, v in flat.items() if not _neutral(k)
                 and not (k in UNSET_IS_ABSENT and v is None)}
     settings["data.sha256"] = data_sha256

@@ -263,6 +263,11 @@ def describe_search(plan: Plan) -> None:
     t = study.run.train
     plan.add("budget", f"{t.epochs} epochs, batch {t.batch_size}, patience {t.patience}, "
              f"max_structures {study.run.data.max_structures}")
+    physics = study.run.model.physics
+    if physics is not None and physics.mode != "off":
+        plan.add("physics", f"{physics.mode}: {', '.join(physics.descriptors)} of the "
+                 f"pretrained potential (computed once per dataset before the first trial, "
+                 f"then cached)")
 
 
 def check_outputs(plan: Plan) -> None:
