@@ -26,8 +26,9 @@ from matxfer.config import DataConfig
 from matxfer.datasets.loading import stream_rows
 from matxfer.model import load_backbone
 from matxfer.physics.config import PhysicsConfig
-from matxfer.physics.descriptors import describe, displaced, frequencies, hessian
+from matxfer.physics.descriptors import describe, frequencies, hessian
 from matxfer.physics.potential import Potential, frame_of
+from matxfer.physics.symmetry import displaced
 
 RESULTS = Path(__file__).parent / "results" / "physics_descriptors.json"
 

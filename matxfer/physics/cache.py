@@ -31,8 +31,8 @@ from matxfer.storage import load_checked, save_checked
 
 FORMAT = 1
 # settings that change the values (mode and batch size do not)
-_VALUE_KEYS = ("descriptors", "relax", "displacement", "strain", "eos_strain", "max_atoms",
-               "precision")
+_VALUE_KEYS = ("descriptors", "relax", "displacement", "strain", "eos_strain", "symmetry",
+               "max_atoms", "precision")
 
 
 def cache_key(data_source: str, weights: str, physics: PhysicsConfig) -> str:

@@ -62,6 +62,9 @@ class PhysicsConfig(BaseModel):
                           "tensor (engineering strain)")
     eos_strain: float = Field(0.06, gt=0.0, le=0.2, description="volume range ±fraction of "
                               "the energy-volume fit")
+    symmetry: bool = Field(True, description="Γ Hessian of a crystal from its symmetry-"
+                           "inequivalent displacements only (phonopy); same Hessian, fewer "
+                           "copies through the potential")
     max_atoms: int = Field(64, ge=1, description="structures with more atoms get NaN for the "
                            "phonon descriptors (the Hessian costs 6n forces of n atoms)")
     batch_atoms: int = Field(512, ge=64, description="atoms per forward pass of the potential "

@@ -1,8 +1,8 @@
 """Zero-shot physics of the pretrained potential, many structures at a time.
 
-- Γ phonons: the Hessian by central differences of forces (each of the 3n coordinates moved
-  by ±h: 6n copies through the model in one batch), mass-weighted, eigenvalues -> cm⁻¹
-  (imaginary modes as negative numbers);
+- Γ phonons: the Hessian by central differences of forces (the symmetry-inequivalent atoms and
+  directions of a crystal moved by ±h, matxfer.physics.symmetry; every coordinate of a
+  molecule), mass-weighted, eigenvalues -> cm⁻¹ (imaginary modes as negative numbers);
 - bulk modulus: Birch-Murnaghan fit (ASE's EquationOfState) to the energy at 7 volumes;
 - elastic tensor: central differences of the stress under ±strain for the 6 Voigt strains
   (clamped ions), Voigt-Reuss-Hill K and G.
@@ -21,6 +21,7 @@ from ase.units import GPa, _amu, _c, _e
 
 from matxfer.physics.config import DESCRIPTORS, PhysicsConfig
 from matxfer.physics.potential import Edges, Frame, Potential
+from matxfer.physics.symmetry import Displacements, central_rows, displacements
 
 # sqrt(eV / (Å² amu)) in cm⁻¹ (≈ 521.47): angular frequency / (2π c)
 CM1 = math.sqrt(_e / (1e-20 * _amu)) / (2 * math.pi * _c * 100)
@@ -35,28 +36,10 @@ def skin(cfg: PhysicsConfig, r_max: float) -> float:
     return r_max * stretch + 2 * cfg.displacement + 0.05
 
 
-def displaced(frame: Frame, h: float) -> list[Frame]:
-    """6n copies: atom a moved by +h then -h along x, y, z (order: a, axis, sign)."""
-    out = []
-    for a in range(len(frame.numbers)):
-        for k in range(3):
-            for sign in (1.0, -1.0):
-                pos = frame.positions.copy()
-                pos[a, k] += sign * h
-                out.append(Frame(frame.numbers, pos, frame.cell, frame.pbc))
-    return out
-
-
-def hessian_rows(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
-    """Central-difference Hessian [3n,3n] eV/Å² (row i: coordinate i displaced) from the
-    forces [n,3] of the `displaced` copies; symmetric up to finite-difference error."""
-    plus, minus = np.stack(forces[0::2]), np.stack(forces[1::2])  # [3n, n, 3]
-    return -(plus - minus).reshape(len(plus), -1) / (2 * h)
-
-
 def hessian(forces: Sequence[np.ndarray], h: float) -> np.ndarray:
-    """The symmetrised Hessian [3n,3n] eV/Å²."""
-    rows = hessian_rows(forces, h)
+    """The symmetrised central-difference Hessian [3n,3n] eV/Å² of the copies that
+    matxfer.physics.symmetry.displaced makes."""
+    rows = central_rows(forces, h)
     return 0.5 * (rows + rows.T)
 
 
@@ -147,28 +130,29 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else math.nan
 
 
-Plan = list[tuple[Frame, Edges]]
+Plan = tuple[list[tuple[Frame, Edges]], Displacements | None]  # copies, how to read them
 
 
 def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig) -> Plan:
     if group == "energy":
-        return [(frame, edges)]
+        return [(frame, edges)], None
     if group == "phonons":
         if len(frame.numbers) > cfg.max_atoms:
-            return []
-        return [(f, edges) for f in displaced(frame, cfg.displacement)]
+            return [], None
+        disp = displacements(frame, cfg.displacement, cfg.symmetry)
+        return [(f, edges) for f in disp.frames], disp
     if not frame.periodic:  # volumes and strains need a cell
-        return []
+        return [], None
     grads = eos_gradients(cfg.eos_strain) if group == "eos" else strain_gradients(cfg.strain)
-    return [(frame.deformed(g), edges) for g in grads]
+    return [(frame.deformed(g), edges) for g in grads], None
 
 
-def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, energies, forces,
-                  stresses) -> dict[str, float]:
+def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, disp: Displacements | None,
+                  energies, forces, stresses) -> dict[str, float]:
     if group == "energy":
         return {"energy_per_atom": float(energies[0]) / len(frame.numbers)}
     if group == "phonons":
-        return spectrum_moments(frequencies(hessian(forces, cfg.displacement), frame.numbers),
+        return spectrum_moments(frequencies(disp.hessian(forces), frame.numbers),
                                 rigid_modes(frame))
     if group == "eos":
         volume = abs(np.linalg.det(frame.cell))
@@ -223,19 +207,19 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
         except Exception:  # a structure the neighbour list cannot take: NaN
             edges.append(None)
     for group in cfg.groups():
-        plans = [_group_frames(f, e, group, cfg) if e is not None else []
+        plans = [_group_frames(f, e, group, cfg) if e is not None else ([], None)
                  for f, e in zip(frames, edges)]
-        flat = [item for plan in plans for item in plan]
+        flat = [item for copies, _ in plans for item in copies]
         energies, forces, stresses = potential.evaluate(flat, stress=group == "elastic")
         at = 0
-        for i, plan in enumerate(plans):
-            if not plan:
+        for i, (copies, disp) in enumerate(plans):
+            if not copies:
                 continue
-            part = slice(at, at + len(plan))
-            at += len(plan)
+            part = slice(at, at + len(copies))
+            at += len(copies)
             try:
                 values[i].update(_group_values(
-                    frames[i], group, cfg, energies[part], forces[part],
+                    frames[i], group, cfg, disp, energies[part], forces[part],
                     None if stresses is None else stresses[part]))
             except (np.linalg.LinAlgError, ValueError, ZeroDivisionError):
                 pass  # NaN stays

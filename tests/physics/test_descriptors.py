@@ -12,16 +12,15 @@ from ase.data import atomic_masses
 from matxfer.physics.config import PhysicsConfig
 from matxfer.physics.descriptors import describe as describe_frames
 from matxfer.physics.descriptors import (
-    displaced,
     frequencies,
     hessian,
-    hessian_rows,
     rigid_modes,
     skin,
     spectrum_moments,
     vrh,
 )
 from matxfer.physics.potential import Frame, Potential, frame_of
+from matxfer.physics.symmetry import all_coordinates, by_symmetry, central_rows, displaced
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_potential_matches_mace_calculator_in_float64(backbone, potential):
 def test_hessian_is_symmetric_and_its_rows_sum_to_zero(potential):
     atoms = bulk("MgO", "rocksalt", a=4.21) * (1, 1, 2)
     atoms.rattle(0.03, seed=0)
-    rows = hessian_rows(gamma_forces(atoms, potential), 0.01)  # as measured, unsymmetrised
+    rows = central_rows(gamma_forces(atoms, potential), 0.01)  # as measured, unsymmetrised
     assert np.abs(rows - rows.T).max() < 1e-3 * np.abs(rows).max()
     hess = hessian(gamma_forces(atoms, potential), 0.01)
     # translation invariance of the potential: moving every atom together costs nothing
@@ -194,3 +193,21 @@ def test_float32_descriptors_agree_with_float64(backbone, potential):
     f64 = describe(atoms, potential, *names)
     f32 = describe(atoms, Potential(backbone, dtype=torch.float32), *names)
     np.testing.assert_allclose(f32, f64, rtol=2e-3)
+
+
+def test_symmetry_reduced_hessian_equals_the_full_one(potential):
+    from ase.spacegroup import crystal
+
+    perovskite = crystal(["Sr", "Ti", "O"], [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)],
+                         spacegroup=221, cellpar=[3.9, 3.9, 3.9, 90, 90, 90])
+    for atoms in (perovskite, bulk("Si", "diamond", a=5.43, cubic=True)):
+        frame = frame_of(atoms)
+        edges = potential.edges(frame, 0.1)
+        full, reduced = all_coordinates(frame, 0.01), by_symmetry(frame, 0.01)
+        assert len(reduced.frames) < len(full.frames) / 4  # 2 or 4 copies instead of 30 or 48
+        hessians = [d.hessian(potential.evaluate([(f, edges) for f in d.frames])[1])
+                    for d in (full, reduced)]
+        # the same Hessian up to the O(h²) anharmonic error of different displacement directions
+        np.testing.assert_allclose(hessians[1], hessians[0], atol=1e-3 * np.abs(hessians[0]).max())
+        freqs = [frequencies(h, frame.numbers) for h in hessians]
+        np.testing.assert_allclose(freqs[1], freqs[0], atol=1.0)  # cm^-1
