@@ -43,9 +43,10 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
-                 verified: VerifiedCache | None = None) -> FoldData:
+                 verified: VerifiedCache | None = None, calibrate: bool = True) -> FoldData:
     """Graphs (cached; `verified`: the cache file the study's driver checked), official fold
-    with validation split, and a train-split target scaler.
+    with validation split, and a train-split target scaler. With physics: the descriptors,
+    and (`calibrate`; not for a trained model being evaluated) their calibration.
 
     With model.restrict_elements, `model` then computes on the task's elements only."""
     spec = cfg.data.spec
@@ -65,17 +66,21 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
     scaler = TargetScaler(y_train, log=log, classification=spec.kind == "classification")
     physics = cfg.model.physics
     if physics is not None and physics.mode != "off":
-        attach_physics(cfg, model, graphs, split.train, scaler, progress)
+        attach_physics(cfg, model if calibrate else None, graphs, split.train, scaler,
+                       progress)
     return FoldData(spec, graphs, split, scaler)
 
 
-def attach_physics(cfg: RunConfig, model: PropertyModel, graphs: GraphSet, train_ids: list[str],
-                   scaler: TargetScaler, progress: bool) -> None:
+def attach_physics(cfg: RunConfig, model: PropertyModel | None, graphs: GraphSet,
+                   train_ids: list[str], scaler: TargetScaler, progress: bool) -> None:
     """Descriptors of every structure (cached) onto the graphs; their standardisation and
-    calibration fitted on the training split only (never validation or test) into `model`."""
+    calibration fitted on the training split only (never validation or test) into `model`
+    (None: a trained model keeps its own)."""
     physics = cfg.model.physics
     table = descriptor_table(cfg.data, cfg.model, physics, progress)
     graphs.descriptors = aligned(table, graphs.ids, len(physics.descriptors))
+    if model is None:
+        return
     rows = graphs.positions_of(train_ids)
     y = scaler.encode(torch.as_tensor(graphs.targets[rows])).numpy()
     model.set_physics(calibrate(graphs.descriptors[rows], y, scaler.classification))

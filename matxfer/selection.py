@@ -55,7 +55,7 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
     with ckpt.as_directory() as folder:
         model, scaler, cfg, payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE,
                                                       study.run.data)
-        data = prepare_fold(cfg, model, progress=False)
+        data = prepare_fold(cfg, model, progress=False, calibrate=False)
         data.scaler = scaler
         device = evaluation_device(study)
         y, p = predict(model.to(device), data, "test", 64, device, loader_options(cfg.train, 2))

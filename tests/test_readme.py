@@ -77,6 +77,8 @@ README_COMMANDS = {
     "examples/phonons200/cifs/mb-phonons-0003.cif": EXAMPLE,
     ".venv/bin/matxfer analyze mi --data tune_configs/examples/custom_extxyz.yaml "
     "--max-structures 100": EXAMPLE,
+    ".venv/bin/matxfer tune tune_configs/examples/custom_csv.yaml --variant phys-residual":
+        EXAMPLE,
     "python -m venv .venv": "CI: make install (.ci/run) creates the venv",
     ".venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126":
         "not runnable here: no CUDA wheel index is reachable from this machine",

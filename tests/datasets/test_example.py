@@ -47,6 +47,12 @@ def test_readme_own_data_commands_go_from_cifs_and_a_csv_to_predictions(workspac
     table = run(workspace, ".venv/bin/matxfer report --results runs/studies --tasks phonons200 "
                 "--out runs/report-phonons200")
     assert "| phonons200 | mae [cm^-1] |" in table and "JMP-S" not in table
+    # the potential's physics on your data: computed once, then a residual fine-tune
+    run(workspace, ".venv/bin/matxfer tune tune_configs/examples/custom_csv.yaml "
+        "--variant phys-residual" + SIZE)
+    table = run(workspace, ".venv/bin/matxfer report --results runs/studies --tasks phonons200 "
+                "--out runs/report-phonons200")
+    assert "MP0 physics residual" in table
     preds = run(workspace, ".venv/bin/matxfer predict --model matxfer-phonons200 "
                 "examples/phonons200/cifs/mb-phonons-0003.cif")
     header, row = preds.strip().splitlines()[-2:]
