@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from matxfer.errors import UserError
-from matxfer.physics.config import PhysicsConfig
+from matxfer.physics.config import PhysicsConfig, PhysicsMode
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
 
 Pooling = Literal["mean", "sum", "max", "mean+max"]
@@ -299,6 +299,9 @@ class SearchSpace(_Strict):
     lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
     pooling: list[Pooling] | None = Field(None, description="choices of readout pooling, "
                                           "picked per fold by validation")
+    physics: list[PhysicsMode] | None = Field(
+        None, description="choices of run.model.physics.mode (off, zero-shot, features, "
+        "residual), picked per fold by validation; needs run.model.physics.descriptors")
     first_trial_off: bool = Field(
         False, description="the first trial runs with every allow_off range off (plain "
         "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too; it does "
@@ -399,6 +402,14 @@ class StudyConfig(_Strict):
         bad = [f for f in self.folds if f not in range(k)]
         if bad or not self.folds or len(set(self.folds)) != len(self.folds):
             raise ValueError(f"folds must be distinct values in 0-{k - 1}, got {self.folds}")
+        return self
+
+    @model_validator(mode="after")
+    def _physics_searchable(self) -> StudyConfig:
+        physics = self.run.model.physics
+        if self.search.physics and (physics is None or not physics.descriptors):
+            raise ValueError("search.physics needs run.model.physics.descriptors; allowed: "
+                             "names from matxfer.physics.config.DESCRIPTORS")
         return self
 
 

@@ -33,7 +33,7 @@ NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "stud
            "run.train.prefetch_batches", "run.model.physics.batch_atoms")
 
 # Sections added after studies were fingerprinted: unset, they leave the fingerprint as it was.
-UNSET_IS_ABSENT = ("run.data.source", "run.data.split", "run.model.physics")
+UNSET_IS_ABSENT = ("run.data.source", "run.data.split", "run.model.physics", "search.physics")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,7 +55,8 @@ def study_settings(study: StudyConfig, data_sha256: str, weights_sha256: str) ->
     """The settings that define the study's results, flattened to dotted keys; the data file
     and the model weights enter by content hash (their paths do not matter)."""
     flat = _flatten(study.model_dump(mode="json"))
-    if flat.get("run.model.physics.mode") == "off":  # descriptors named but not used
+    if flat.get("run.model.physics.mode") == "off" and not flat.get("search.physics"):
+        # descriptors named but not used: the results are those of no physics at all
         flat = {k: v for k, v in flat.items() if not k.startswith("run.model.physics.")}
         flat["run.model.physics"] = None
     settings = {k: v for k, v in flat.items() if not _neutral(k)

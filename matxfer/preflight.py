@@ -264,8 +264,9 @@ def describe_search(plan: Plan) -> None:
     plan.add("budget", f"{t.epochs} epochs, batch {t.batch_size}, patience {t.patience}, "
              f"max_structures {study.run.data.max_structures}")
     physics = study.run.model.physics
-    if physics is not None and physics.mode != "off":
-        plan.add("physics", f"{physics.mode}: {', '.join(physics.descriptors)} of the "
+    if physics is not None and (physics.mode != "off" or study.search.physics):
+        mode = "searched" if study.search.physics else physics.mode
+        plan.add("physics", f"{mode}: {', '.join(physics.descriptors)} of the "
                  f"pretrained potential (computed once per dataset before the first trial, "
                  f"then cached)")
 

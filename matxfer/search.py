@@ -47,6 +47,8 @@ def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
             setattr(cfg.strategy, name, int(params[name]))
     if study.search.pooling is not None:
         cfg.model.pooling = params["pooling"]
+    if study.search.physics is not None:
+        cfg.model.physics.mode = params["physics"]
     return cfg
 
 

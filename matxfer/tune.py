@@ -174,7 +174,7 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
 
     splits(task_graphs(*args, check=splits))  # a cached set is checked too
     physics = study.run.model.physics
-    if physics is not None and physics.mode != "off":  # computed once, before any trial
+    if physics is not None and (physics.mode != "off" or study.search.physics):  # once, first
         descriptor_table(d, study.run.model, physics)
     path = cache_file(*args)
     return str(path.resolve()), recorded_sha256(path)

@@ -195,3 +195,36 @@ def test_physics_variants_run_as_studies_and_show_in_the_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     table = (tmp_path / "report/table1.md").read_text()
     assert "MP0 physics zero-shot" in table and "MP0 physics residual" in table
+
+
+def test_physics_mode_is_searchable_and_needs_descriptors(tmp_path):
+    from matxfer.config import load_study_config
+    from matxfer.errors import UserError
+    from matxfer.search import trial_run_config
+
+    root = Path(__file__).parents[2]
+    phonons = root / "tune_configs/cpu/matbench_phonons.yaml"
+    study = load_study_config(phonons, {"search.physics": ["off", "residual"]}, "no-reg")
+    assert study.search.grid_size() == 2 and study.num_samples == 2
+    cfg = trial_run_config(study, 0, {"physics": "residual"})
+    assert cfg.model.physics.mode == "residual"
+    assert cfg.model.physics.descriptors == ["phonon_max", "phonon_mean"]
+    with pytest.raises(UserError, match="search.physics needs run.model.physics.descriptors"):
+        load_study_config(phonons, {"search.physics": ["features"],
+                                    "run.model.physics.descriptors": []}, "no-reg")
+
+
+def test_fingerprint_ignores_unused_descriptors_but_not_a_physics_mode():
+    from matxfer.config import load_study_config
+    from matxfer.identity import study_settings
+
+    root = Path(__file__).parents[2]
+    quick = root / "tune_configs/quickstart.yaml"
+    def settings(**overrides):
+        return study_settings(load_study_config(quick, overrides), "d" * 64, "w" * 64)
+
+    plain = settings()
+    assert not any(k.startswith(("run.model.physics", "search.physics")) for k in plain)
+    assert settings(**{"run.model.physics.descriptors": ["phonon_max"]}) == plain
+    assert settings(**{"run.model.physics.mode": "residual"}) != plain
+    assert settings(**{"search.physics": ["off", "features"]}) != plain
