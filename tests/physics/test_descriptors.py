@@ -211,3 +211,17 @@ def test_symmetry_reduced_hessian_equals_the_full_one(potential):
         np.testing.assert_allclose(hessians[1], hessians[0], atol=1e-3 * np.abs(hessians[0]).max())
         freqs = [frequencies(h, frame.numbers) for h in hessians]
         np.testing.assert_allclose(freqs[1], freqs[0], atol=1.0)  # cm^-1
+
+
+def test_relaxation_returns_a_rattled_crystal_to_zero_forces(potential):
+    from matxfer.physics.relax import FMAX, relaxed
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=4)
+    frame = frame_of(atoms)
+    cfg = PhysicsConfig(descriptors=["phonon_max"], relax="positions")
+    before = potential.evaluate([(frame, potential.edges(frame, 0.0))])[1][0]
+    moved = relaxed(frame, potential, cfg)
+    after = potential.evaluate([(moved, potential.edges(moved, 0.0))])[1][0]
+    assert np.abs(before).max() > 10 * FMAX and np.abs(after).max() < FMAX
+    np.testing.assert_array_equal(moved.cell, frame.cell)  # positions only
