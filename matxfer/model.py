@@ -163,6 +163,16 @@ def backbone_layer_features(bb: nn.Module, batch: dict,
     return feats
 
 
+_PHYSICS_KEYS = {"phys_mean": "mean", "phys_std": "std", "calib_w": "w", "calib_b": "b",
+                 "calib_floor": "floor", "target_log": "log", "target_mean": "t_mean",
+                 "target_std": "t_std"}
+
+
+def _PHYSICS_BUFFERS(n: int) -> list[tuple[str, tuple]]:  # noqa: N802
+    return [(name, (n,) if name in ("phys_mean", "phys_std", "calib_w") else ())
+            for name in _PHYSICS_KEYS]
+
+
 class PropertyModel(nn.Module):
     """MACE backbone -> per-layer invariant node features -> pooled -> MLP head -> [B]."""
 
@@ -182,29 +192,35 @@ class PropertyModel(nn.Module):
         self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(dtype)
         self.physics = physics
         if physics != "off":  # set from the training fold (set_physics), saved with the weights
-            for name, shape in (("phys_mean", n_physics), ("phys_std", n_physics),
-                                ("calib_w", n_physics), ("calib_b", ())):
-                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+            for name, shape in _PHYSICS_BUFFERS(n_physics):
+                self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
         if physics == "residual":  # start from the calibrated descriptors exactly
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
-    def set_physics(self, calibration: dict[str, np.ndarray]) -> None:
-        """Descriptor standardisation (mean, std [d]) and calibration (w [d], b []) from
-        matxfer.physics.calibration.calibrate."""
-        for name, key in (("phys_mean", "mean"), ("phys_std", "std"), ("calib_w", "w"),
-                          ("calib_b", "b")):
-            buf = getattr(self, name)
-            buf.copy_(torch.as_tensor(calibration[key], dtype=buf.dtype))
+    def set_physics(self, calibration: dict[str, np.ndarray], scaler: TargetScaler) -> None:
+        """Descriptor standardisation (mean, std [d]) and calibration (w [d], b [], floor [])
+        from matxfer.physics.calibration.calibrate; the target scaler that maps the calibrated
+        value (task units, or logits) into the model's output space."""
+        values = {**calibration, "log": float(scaler.log), "t_mean": scaler.mean,
+                  "t_std": scaler.std}
+        for name, key in _PHYSICS_KEYS.items():
+            getattr(self, name).copy_(torch.as_tensor(values[key], dtype=torch.float64))
 
     def _physics_z(self, batch: dict) -> torch.Tensor:
-        """Standardised descriptors [B, d]; a failed (NaN) descriptor is the training mean, 0."""
-        z = (batch["phys"].to(self.phys_mean.dtype) - self.phys_mean) / self.phys_std
+        """Standardised descriptors [B, d] (float64); a failed (NaN) descriptor is the training
+        mean, 0."""
+        z = (batch["phys"].double() - self.phys_mean.double()) / self.phys_std.double()
         return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
     def calibrated(self, batch: dict) -> torch.Tensor:
-        """The descriptors' linear calibration [B], in standardised target space (logits)."""
-        return self._physics_z(batch) @ self.calib_w + self.calib_b
+        """The descriptors' linear calibration [B] in the model's output space: computed in
+        task units (logits for classification), then log (clipped at the floor) when the
+        target is, and standardised as the target scaler does."""
+        c = self._physics_z(batch) @ self.calib_w.double() + self.calib_b.double()
+        if self.target_log.item():
+            c = torch.log(torch.clamp(c, min=float(self.calib_floor)))
+        return (c - float(self.target_mean)) / float(self.target_std)
 
     def restrict_elements(self, elements: list[int]) -> None:
         """Run the backbone on these elements only (same results, less compute; see

@@ -82,8 +82,8 @@ def attach_physics(cfg: RunConfig, model: PropertyModel | None, graphs: GraphSet
     if model is None:
         return
     rows = graphs.positions_of(train_ids)
-    y = scaler.encode(torch.as_tensor(graphs.targets[rows])).numpy()
-    model.set_physics(calibrate(graphs.descriptors[rows], y, scaler.classification))
+    model.set_physics(calibrate(graphs.descriptors[rows], graphs.targets[rows],
+                                scaler.classification), scaler)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

@@ -29,7 +29,7 @@ from matxfer.physics.potential import Frame, Potential, frame_of
 from matxfer.physics.relax import relaxed
 from matxfer.storage import load_checked, save_checked
 
-FORMAT = 2  # 2: symmetry-reduced displacements with phonopy's is_plusminus='auto'
+FORMAT = 1
 # settings that change the values (mode and batch size do not)
 _VALUE_KEYS = ("descriptors", "relax", "displacement", "strain", "eos_strain", "symmetry",
                "max_atoms", "precision")

@@ -1,7 +1,9 @@
 """Standardisation and linear calibration of descriptors, fitted on training rows only.
 
-Pure numpy: descriptors x [N, d] (NaN where a descriptor failed), targets y [N] in the
-target scaler's space (standardised regression target, or 0/1 class labels).
+Pure numpy: descriptors x [N, d] (NaN where a descriptor failed), targets y [N] in task units
+(regression: the calibration is linear in the target itself, y ≈ z @ w + b, even when the model
+learns log(y): a physical proxy is proportional to the property, not to its log) or 0/1 class
+labels (logistic: the calibration gives logits).
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50
 def calibrate(x_train: np.ndarray, y_train: np.ndarray, classification: bool
               ) -> dict[str, np.ndarray]:
     """Everything the model needs: standardisation (mean, std [d]) and the calibration
-    (w [d], b []) of the descriptors to the target, from training rows only."""
+    (w [d], b []: task units or logits) of the descriptors to the target, and `floor` (half the
+    smallest training target: where a log-target model clips the calibration), from training
+    rows only."""
     mean, std = standardisation(x_train)
     z = standardised(x_train, mean, std)
+    y = np.asarray(y_train, dtype=np.float64)
     fit = fit_logistic if classification else fit_linear
-    w, b = fit(z, np.asarray(y_train, dtype=np.float64))
-    return {"mean": mean, "std": std, "w": w, "b": np.asarray(b)}
+    w, b = fit(z, y)
+    floor = 0.5 * y.min() if len(y) and y.min() > 0 else 1e-12
+    return {"mean": mean, "std": std, "w": w, "b": np.asarray(b), "floor": np.asarray(floor)}

@@ -18,7 +18,7 @@ import yaml
 from ase.io import write
 
 from matxfer.config import ModelConfig
-from matxfer.model import build_model
+from matxfer.model import TargetScaler, build_model
 from matxfer.physics.calibration import calibrate, standardised
 from matxfer.physics.config import PhysicsConfig
 
@@ -37,8 +37,13 @@ def physics_model(mode: str):
     cfg = ModelConfig(head_hidden=[8], physics=PhysicsConfig(mode=mode, descriptors=DESCRIPTORS))
     model = build_model(cfg)
     model.set_physics({"mean": np.array([300.0, 50.0]), "std": np.array([100.0, 10.0]),
-                       "w": np.array([0.5, -0.2]), "b": np.array(0.1)})
+                       "w": np.array([0.5, -0.2]), "b": np.array(0.1), "floor": np.array(0.0)},
+                      IDENTITY)
     return model
+
+
+IDENTITY = TargetScaler.from_state({"log": False, "classification": False, "mean": 0.0,
+                                    "std": 1.0})
 
 
 def tiny_batch(jdft2d_graphs, n_phys: int = 2) -> dict:
@@ -133,10 +138,9 @@ def test_zero_shot_scores_the_training_fold_calibration_on_the_test_fold(trained
     split = json.loads((out / "split.json").read_text())
     y = {a.info["id"]: a.info["y"] for a in crystals() + [molecule()]}
     train = np.array([y[i] for i in split["train"]])
-    mean, std = train.mean(), train.std()
-    cal = calibrate(np.stack([x[i] for i in split["train"]]), (train - mean) / std, False)
+    cal = calibrate(np.stack([x[i] for i in split["train"]]), train, False)  # task units
     test_x = np.stack([x[i] for i in split["test"]])
-    pred = (standardised(test_x, cal["mean"], cal["std"]) @ cal["w"] + cal["b"]) * std + mean
+    pred = standardised(test_x, cal["mean"], cal["std"]) @ cal["w"] + cal["b"]
     mae = np.abs(pred - [y[i] for i in split["test"]]).mean()
     record = json.loads((out / "result.json").read_text())
     assert record["test_mae"] == pytest.approx(mae, rel=1e-4)
@@ -228,3 +232,19 @@ def test_fingerprint_ignores_unused_descriptors_but_not_a_physics_mode():
     assert settings(**{"run.model.physics.descriptors": ["phonon_max"]}) == plain
     assert settings(**{"run.model.physics.mode": "residual"}) != plain
     assert settings(**{"search.physics": ["off", "features"]}) != plain
+
+
+def test_log_target_calibration_is_linear_in_the_target_and_clipped_at_the_floor(jdft2d_graphs):
+    """A proxy proportional to the property: the calibration y = a x + b is fitted and applied
+    in task units; a log-target model sees log(y) of it, standardised like the target."""
+    model = physics_model("zero-shot")
+    scaler = TargetScaler(np.array([100.0, 400.0, 900.0]), log=True)
+    x = np.array([[100.0, 0.0], [400.0, 0.0], [900.0, 0.0]])
+    cal = calibrate(x, 2.0 * x[:, 0] + 10.0, classification=False)
+    model.set_physics(cal, scaler)
+    batch = tiny_batch(jdft2d_graphs)
+    batch["phys"] = torch.tensor([[250.0, 0.0], [-1e4, 0.0]], dtype=torch.float64)
+    out, _ = model(batch)
+    y = scaler.decode(out).numpy()
+    assert y[0] == pytest.approx(510.0, rel=1e-6)
+    assert y[1] == pytest.approx(cal["floor"], rel=1e-6)  # no log of a negative value
