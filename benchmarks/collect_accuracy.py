@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ("main", "no-reg", "random-init", "lp-ft", "llrd", "freeze", "pooling")
+ORDER = ("main", "no-reg", "random-init", "lp-ft", "llrd", "freeze", "pooling", "zero-shot",
+         "phys-features", "phys-residual")
 COPIED = ("summary.json", "summary.csv", "matbench_results.json")
 
 
