@@ -168,7 +168,8 @@ _PHYSICS_KEYS = {"phys_mean": "mean", "phys_std": "std", "calib_w": "w", "calib_
                  "target_std": "t_std"}
 
 
-def _PHYSICS_BUFFERS(n: int) -> list[tuple[str, tuple]]:  # noqa: N802
+def _physics_buffers(n: int) -> list[tuple[str, tuple]]:
+    """(name, shape) of the physics buffers for n descriptors."""
     return [(name, (n,) if name in ("phys_mean", "phys_std", "calib_w") else ())
             for name in _PHYSICS_KEYS]
 
@@ -192,7 +193,7 @@ class PropertyModel(nn.Module):
         self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(dtype)
         self.physics = physics
         if physics != "off":  # set from the training fold (set_physics), saved with the weights
-            for name, shape in _PHYSICS_BUFFERS(n_physics):
+            for name, shape in _physics_buffers(n_physics):
                 self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
         if physics == "residual":  # start from the calibrated descriptors exactly
             nn.init.zeros_(self.head[-1].weight)

@@ -143,6 +143,7 @@ def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_sco
         "structures_per_s": float(np.mean([h["structures_per_s"] for h in trained.history])),
         "seconds": round(seconds, 2), "matxfer_version": __version__,
         "skipped_rows": len(data.graphs.skipped),
+        "physics": cfg.model.physics.mode if cfg.model.physics else "off",
     }
 
 
