@@ -53,9 +53,9 @@ class PhysicsConfig(BaseModel):
                               "calibrated descriptors; off: not used")
     descriptors: list[str] = Field(default_factory=list, description="names from "
                                    "matxfer.physics.config.DESCRIPTORS")
-    relax: Literal["none", "positions"] = Field(
-        "none", description="relax atomic positions with the potential (FIRE, cell fixed) "
-        "before the descriptors are computed")
+    relax: Literal["none", "positions", "positions+cell"] = Field(
+        "none", description="relax with the potential (FIRE) before the descriptors are "
+        "computed: atomic positions (cell fixed), or positions and cell (crystals)")
     displacement: float = Field(0.01, gt=0.0, le=0.1, description="finite-difference "
                                 "displacement of the Hessian, Å")
     strain: float = Field(0.005, gt=0.0, le=0.05, description="finite strain of the elastic "

@@ -225,3 +225,16 @@ def test_relaxation_returns_a_rattled_crystal_to_zero_forces(potential):
     after = potential.evaluate([(moved, potential.edges(moved, 0.0))])[1][0]
     assert np.abs(before).max() > 10 * FMAX and np.abs(after).max() < FMAX
     np.testing.assert_array_equal(moved.cell, frame.cell)  # positions only
+
+
+def test_cell_relaxation_finds_the_equation_of_state_minimum(potential):
+    from matxfer.physics.relax import relaxed
+
+    atoms = bulk("Cu", "fcc", a=3.615 * 1.03)  # 9% too large a volume
+    frame = frame_of(atoms)
+    cfg = PhysicsConfig(descriptors=["bulk_modulus_eos"], relax="positions+cell")
+    moved = relaxed(frame, potential, cfg)
+    stress = potential.evaluate([(moved, potential.edges(moved, 0.0))], stress=True)[2][0]
+    assert np.abs(stress).max() * 160.2 < 0.5  # GPa: the cell is relaxed
+    volume = abs(np.linalg.det(moved.cell))
+    assert volume < 0.97 * abs(np.linalg.det(frame.cell))  # it shrank toward equilibrium
