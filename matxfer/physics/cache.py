@@ -33,11 +33,14 @@ FORMAT = 1
 # settings that change the values (mode and batch size do not)
 _VALUE_KEYS = ("descriptors", "relax", "displacement", "strain", "eos_strain", "symmetry",
                "max_atoms", "precision")
+_ADDED_KEYS = {"supercell": 1}  # settings added later: at their default they leave the key
 
 
 def cache_key(data_source: str, weights: str, physics: PhysicsConfig) -> str:
     """16 hex digits naming the (data, weights, settings) of a descriptor table."""
     settings = {k: getattr(physics, k) for k in _VALUE_KEYS}
+    settings.update({k: getattr(physics, k) for k, default in _ADDED_KEYS.items()
+                     if getattr(physics, k) != default})
     spec = {"data": data_source, "weights": weights, "settings": settings, "format": FORMAT}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -65,6 +65,8 @@ class PhysicsConfig(BaseModel):
     symmetry: bool = Field(True, description="Γ Hessian of a crystal from its symmetry-"
                            "inequivalent displacements only (phonopy); same Hessian, fewer "
                            "copies through the potential")
+    supercell: int = Field(1, ge=1, le=4, description="Γ phonons of the n x n x n supercell "
+                           "(adds the zone-boundary modes of the cell; costs about n^6 more)")
     max_atoms: int = Field(64, ge=1, description="structures with more atoms get NaN for the "
                            "phonon descriptors (the Hessian costs 6n forces of n atoms)")
     batch_atoms: int = Field(512, ge=64, description="atoms per forward pass of the potential "

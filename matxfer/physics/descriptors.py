@@ -133,10 +133,22 @@ def _log10(x: float) -> float:
 Plan = tuple[list[tuple[Frame, Edges]], Displacements | None]  # copies, how to read them
 
 
-def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig) -> Plan:
+def supercell(frame: Frame, n: int) -> Frame:
+    """The n x n x n supercell of a crystal (atoms in image order, then as in the cell)."""
+    shifts = np.array([(i, j, k) for i in range(n) for j in range(n) for k in range(n)])
+    offsets = shifts @ frame.cell  # [n³, 3]
+    positions = (frame.positions[None, :, :] + offsets[:, None, :]).reshape(-1, 3)
+    return Frame(np.tile(frame.numbers, len(shifts)), positions, frame.cell * n, frame.pbc)
+
+
+def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig,
+                  potential: Potential) -> Plan:
     if group == "energy":
         return [(frame, edges)], None
     if group == "phonons":
+        if cfg.supercell > 1 and frame.periodic:  # Γ of the supercell: zone-boundary modes too
+            frame = supercell(frame, cfg.supercell)
+            edges = potential.edges(frame, skin(cfg, potential.r_max))
         if len(frame.numbers) > cfg.max_atoms:
             return [], None
         disp = displacements(frame, cfg.displacement, cfg.symmetry)
@@ -152,8 +164,8 @@ def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, disp: Displaceme
     if group == "energy":
         return {"energy_per_atom": float(energies[0]) / len(frame.numbers)}
     if group == "phonons":
-        return spectrum_moments(frequencies(disp.hessian(forces), frame.numbers),
-                                rigid_modes(frame))
+        return spectrum_moments(frequencies(disp.hessian(forces), disp.frame.numbers),
+                                rigid_modes(disp.frame))
     if group == "eos":
         volume = abs(np.linalg.det(frame.cell))
         volumes = np.array([volume * np.linalg.det(g) for g in eos_gradients(cfg.eos_strain)])
@@ -207,7 +219,7 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
         except Exception:  # a structure the neighbour list cannot take: NaN
             edges.append(None)
     for group in cfg.groups():
-        plans = [_group_frames(f, e, group, cfg) if e is not None else ([], None)
+        plans = [_group_frames(f, e, group, cfg, potential) if e is not None else ([], None)
                  for f, e in zip(frames, edges)]
         flat = [item for copies, _ in plans for item in copies]
         energies, forces, stresses = potential.evaluate(flat, stress=group == "elastic")

@@ -238,3 +238,16 @@ def test_cell_relaxation_finds_the_equation_of_state_minimum(potential):
     assert np.abs(stress).max() * 160.2 < 0.5  # GPa: the cell is relaxed
     volume = abs(np.linalg.det(moved.cell))
     assert volume < 0.97 * abs(np.linalg.det(frame.cell))  # it shrank toward equilibrium
+
+
+def test_supercell_gamma_contains_the_cell_gamma_and_zone_boundary_modes(potential):
+    from matxfer.physics.descriptors import supercell
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    cell = describe([atoms], potential, "phonon_max", "phonon_min")
+    big = describe([atoms], potential, "phonon_max", "phonon_min", supercell=2)
+    assert big[0, 0] >= cell[0, 0] - 1.0  # the Γ modes are still there
+    assert big[0, 1] < cell[0, 1]  # zone-boundary acoustic branches: lower optical-free modes
+    frame = supercell(frame_of(atoms), 2)
+    assert len(frame.numbers) == 16
+    np.testing.assert_allclose(abs(np.linalg.det(frame.cell)), 8 * atoms.get_volume())
