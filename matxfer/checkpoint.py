@@ -225,8 +225,12 @@ def head_hidden(model: PropertyModel) -> list[int]:
     return [m.out_features for m in linears[:-1]]
 
 
-def n_physics(model: PropertyModel) -> int:
-    return len(model.phys_mean) if model.physics != "off" else 0
+def head_record(model: PropertyModel) -> dict:
+    """Pooling and hidden widths of the head; with physics, its mode and descriptor count."""
+    head = {"pooling": model.pooling, "hidden": head_hidden(model)}
+    if model.physics != "off":
+        head.update(physics=model.physics, n_physics=len(model.phys_mean))
+    return head
 
 
 def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: TargetScaler,
@@ -239,8 +243,7 @@ def build_payload(model: PropertyModel, cfg: RunConfig, spec: TaskSpec, scaler: 
                       "kind": spec.kind, "metric": spec.metric},
         "config": portable_config(cfg), "foundation": foundation_record(cfg.model),
         "backbone": model_architecture(model, cfg.model),
-        "head": {"pooling": model.pooling, "hidden": head_hidden(model),
-                 "physics": model.physics, "n_physics": n_physics(model)},
+        "head": head_record(model),
         "z_table": [int(z) for z in z_table], "scaler": plain(scaler.state()),
         "model_state": state if state is not None else model.state_dict(),
     }

@@ -23,7 +23,7 @@ from matxfer.config import RunConfig
 from matxfer.datasets.loading import data_files, fold_split
 from matxfer.elements import present_elements
 from matxfer.errors import UserError
-from matxfer.graphs import GraphSet, VerifiedCache, task_graphs
+from matxfer.graphs import GraphSet, VerifiedCache, cache_file, task_graphs
 from matxfer.metrics import score
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.physics.cache import aligned, descriptor_table
@@ -66,18 +66,21 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
     scaler = TargetScaler(y_train, log=log, classification=spec.kind == "classification")
     physics = cfg.model.physics
     if physics is not None and physics.mode != "off":
+        graph_file = Path(verified[0]) if verified else cache_file(
+            cfg.data, graphs.z_table, float(backbone.r_max), next(backbone.parameters()).dtype)
         attach_physics(cfg, model if calibrate else None, graphs, split.train, scaler,
-                       progress)
+                       graph_file, progress)
     return FoldData(spec, graphs, split, scaler)
 
 
 def attach_physics(cfg: RunConfig, model: PropertyModel | None, graphs: GraphSet,
-                   train_ids: list[str], scaler: TargetScaler, progress: bool) -> None:
+                   train_ids: list[str], scaler: TargetScaler, graph_file: Path,
+                   progress: bool) -> None:
     """Descriptors of every structure (cached) onto the graphs; their standardisation and
     calibration fitted on the training split only (never validation or test) into `model`
     (None: a trained model keeps its own)."""
     physics = cfg.model.physics
-    table = descriptor_table(cfg.data, cfg.model, physics, progress)
+    table = descriptor_table(cfg.data, cfg.model, physics, graph_file, progress)
     graphs.descriptors = aligned(table, graphs.ids, len(physics.descriptors))
     if model is None:
         return

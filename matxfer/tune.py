@@ -173,10 +173,10 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
             fold_split(d.model_copy(update={"fold": fold}), graphs)
 
     splits(task_graphs(*args, check=splits))  # a cached set is checked too
+    path = cache_file(*args)
     physics = study.run.model.physics
     if physics is not None and (physics.mode != "off" or study.search.physics):  # once, first
-        descriptor_table(d, study.run.model, physics)
-    path = cache_file(*args)
+        descriptor_table(d, study.run.model, physics, path)
     return str(path.resolve()), recorded_sha256(path)
 
 

@@ -1,7 +1,8 @@
 """Descriptors of every structure of a dataset, computed once and cached like the graphs.
 
-The cache is keyed by the data (its content hash), the foundation weights (SHA-256) and the
-descriptor settings, so a change of any of them computes afresh and nothing else is reused.
+The cache is keyed by the data (through the graph cache's name, which hashes it), the
+foundation weights (SHA-256) and the descriptor settings, so a change of any of them computes
+afresh and nothing else is reused.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from tqdm import tqdm
 
 from matxfer.checkpoint import foundation_record
 from matxfer.config import DataConfig, ModelConfig
-from matxfer.datasets.loading import source_id, stream_rows
+from matxfer.datasets.loading import stream_rows
 from matxfer.errors import UserError
-from matxfer.graphs import default_cache_dir
 from matxfer.model import load_backbone
 from matxfer.physics.config import PhysicsConfig
 from matxfer.physics.descriptors import describe
@@ -36,20 +36,21 @@ _VALUE_KEYS = ("descriptors", "relax", "displacement", "strain", "eos_strain", "
 _ADDED_KEYS = {"supercell": 1}  # settings added later: at their default they leave the key
 
 
-def cache_key(data_source: str, weights: str, physics: PhysicsConfig) -> str:
-    """16 hex digits naming the (data, weights, settings) of a descriptor table."""
+def cache_key(weights: str, physics: PhysicsConfig) -> str:
+    """16 hex digits naming the (weights, settings) of a descriptor table."""
     settings = {k: getattr(physics, k) for k in _VALUE_KEYS}
     settings.update({k: getattr(physics, k) for k, default in _ADDED_KEYS.items()
                      if getattr(physics, k) != default})
-    spec = {"data": data_source, "weights": weights, "settings": settings, "format": FORMAT}
+    spec = {"weights": weights, "settings": settings, "format": FORMAT}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def descriptor_file(data: DataConfig, model: ModelConfig, physics: PhysicsConfig) -> Path:
-    folder = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+def descriptor_file(graph_file: Path, model: ModelConfig, physics: PhysicsConfig) -> Path:
+    """Beside the dataset's graph cache, whose name already hashes the data: a study's trials
+    find it from the graph cache their driver verified, without reading the data again."""
     weights = foundation_record(ModelConfig(source=model.source))["sha256"]
-    key = cache_key(source_id(data), weights, physics)
-    return folder / f"{data.task}-physics-{key}.pt"
+    graph_file = Path(graph_file)
+    return graph_file.with_name(f"{graph_file.stem}-physics-{cache_key(weights, physics)}.pt")
 
 
 def potential_of(model: ModelConfig, physics: PhysicsConfig) -> Potential:
@@ -80,9 +81,10 @@ def compute(frames: list[Frame], potential: Potential, physics: PhysicsConfig,
 
 
 def descriptor_table(data: DataConfig, model: ModelConfig, physics: PhysicsConfig,
-                     progress: bool = True) -> dict[str, np.ndarray]:
-    """{id: descriptors [d]} of every usable row, from the cache or computed and cached."""
-    path = descriptor_file(data, model, physics)
+                     graph_file: Path, progress: bool = True) -> dict[str, np.ndarray]:
+    """{id: descriptors [d]} of every usable row, from the cache (beside `graph_file`, the
+    dataset's graph cache) or computed and cached."""
+    path = descriptor_file(graph_file, model, physics)
     if path.is_file():
         try:
             payload = load_checked(path)

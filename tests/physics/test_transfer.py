@@ -121,7 +121,7 @@ def test_descriptors_are_computed_once_and_reused_by_every_mode(trained):
     folder, runs = trained
     assert "physics descriptors: 25 structures" in runs["zero-shot"].stderr
     assert "physics descriptors:" not in runs["residual"].stderr  # from the cache
-    assert len(list((folder / "cache").glob("salts-physics-*.pt"))) == 1
+    assert len(list((folder / "cache").glob("salts-*-physics-*.pt"))) == 1
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_zero_shot_scores_the_training_fold_calibration_on_the_test_fold(trained
 
     folder, _ = trained
     out = folder / "out-zero-shot"
-    (cache,) = (folder / "cache").glob("salts-physics-*.pt")
+    (cache,) = (folder / "cache").glob("salts-*-physics-*.pt")
     table = load_checked(cache)
     x = dict(zip(table["ids"], table["values"].numpy()))
     split = json.loads((out / "split.json").read_text())
