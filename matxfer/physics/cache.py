@@ -68,7 +68,7 @@ def compute(frames: list[Frame], potential: Potential, physics: PhysicsConfig,
     started = time.perf_counter()
     with tqdm(total=len(frames), unit="struct", desc="physics descriptors",
               disable=not progress) as bar:
-        if physics.relax == "positions":
+        if physics.relax != "none":
             frames = [relaxed(f, potential, physics) for f in frames]
         values = describe(frames, potential, physics, bar.update)
     if log:

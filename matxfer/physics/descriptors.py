@@ -19,7 +19,7 @@ import numpy as np
 from ase.data import atomic_masses
 from ase.units import GPa, _amu, _c, _e
 
-from matxfer.physics.config import DESCRIPTORS, PhysicsConfig
+from matxfer.physics.config import PhysicsConfig
 from matxfer.physics.potential import Edges, Frame, Potential
 from matxfer.physics.symmetry import Displacements, central_rows, displacements
 
@@ -236,8 +236,3 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
             except (np.linalg.LinAlgError, ValueError, ZeroDivisionError):
                 pass  # NaN stays
     return values
-
-
-def names_and_units(cfg: PhysicsConfig) -> list[str]:
-    """'name [unit]' of each chosen descriptor, for logs and tables."""
-    return [f"{d} [{DESCRIPTORS[d].unit}]" for d in cfg.descriptors]

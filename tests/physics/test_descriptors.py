@@ -251,3 +251,16 @@ def test_supercell_gamma_contains_the_cell_gamma_and_zone_boundary_modes(potenti
     frame = supercell(frame_of(atoms), 2)
     assert len(frame.numbers) == 16
     np.testing.assert_allclose(abs(np.linalg.det(frame.cell)), 8 * atoms.get_volume())
+
+
+@pytest.mark.parametrize("relax", ["positions", "positions+cell"])
+def test_compute_relaxes_before_the_descriptors_when_asked(relax, potential):
+    from matxfer.physics.cache import compute
+
+    atoms = bulk("Cu", "fcc", a=3.615 * 1.03) * (2, 1, 1)
+    atoms.rattle(0.05, seed=5)
+    frames = [frame_of(atoms)]
+    plain = compute(frames, potential, PhysicsConfig(descriptors=["energy_per_atom"]), False)
+    relaxed_ = compute(frames, potential,
+                       PhysicsConfig(descriptors=["energy_per_atom"], relax=relax), False)
+    assert relaxed_[0, 0] < plain[0, 0] - 1e-4  # eV/atom: the relaxed structure is lower
