@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from matxfer.backbones.names import chgnet_version, family_of, unsupported
 from matxfer.errors import UserError
 from matxfer.physics.config import PhysicsConfig, PhysicsMode
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
@@ -114,7 +115,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    source: str = Field("small", description="'small' (MACE-MP-0 small) or a MACE model file")
+    source: str = Field("small", description="'small' (MACE-MP-0 small), a name mace's "
+                        "mace_mp downloads, a MACE model file, or chgnet / chgnet-<version>")
     init: Init = "pretrained"
     pooling: Pooling = "mean"
     head_hidden: list[int] = Field(default_factory=lambda: [256, 128])
@@ -123,10 +125,10 @@ class ModelConfig(_Strict):
     init_seed: int = 0
     restrict_elements: bool = Field(
         False, description="run the backbone on the task's elements only: the same weights "
-        "and results (matxfer.elements); not faster on CPU in make bench, so off")
+        "and results (matxfer.backbones.mace_elements); not faster on CPU in make bench, so off")
     kernels: Literal["e3nn", "cueq"] = Field(
-        "e3nn", description="'cueq': compute with cuequivariance kernels (matxfer.kernels, "
-        "the optional extra matxfer[cueq]); same weights and results")
+        "e3nn", description="'cueq': compute with cuequivariance kernels (MACE only: "
+        "matxfer.backbones.mace_cueq, the extra matxfer[cueq]); same weights and results")
     physics: PhysicsConfig | None = Field(
         None, description="zero-shot descriptors of the pretrained potential and how the "
         "model uses them (matxfer.physics)")
@@ -136,6 +138,16 @@ class ModelConfig(_Strict):
         if self.kernels == "cueq" and self.restrict_elements:
             raise ValueError("model.kernels 'cueq' and model.restrict_elements cannot be "
                              "combined; choose one")
+        if family_of(self.source) == "chgnet":
+            chgnet_version(self.source)
+        options = [name for name, used in (
+            ("model.kernels 'cueq'", self.kernels == "cueq"),
+            ("model.restrict_elements", self.restrict_elements),
+            ("model.dtype 'float64'", self.dtype == "float64"),
+            ("model.physics", self.physics is not None and self.physics.mode != "off")) if used]
+        refusal = unsupported(self.source, options)
+        if refusal:
+            raise ValueError(refusal)
         return self  # whether cuequivariance is installed is a preflight check
 
 
@@ -196,6 +208,10 @@ class RunConfig(_Strict):
                                             or self.model.restrict_elements):
             raise ValueError(f"train.compile {self.train.compile!r} needs model.kernels 'e3nn' "
                              "and model.restrict_elements false")
+        if self.train.compile != "off":
+            refusal = unsupported(self.model.source, ["train.compile"])
+            if refusal:
+                raise ValueError(refusal)
         return self
 
     @model_validator(mode="after")
@@ -416,6 +432,9 @@ class StudyConfig(_Strict):
 # Ready-made comparison variants: the paper's baselines are config changes, not code.
 _PLAIN = {"search.l2sp": None, "search.bss": None,
           "run.regularizers.l2sp": 0.0, "run.regularizers.bss": 0.0}
+_CHGNET = {"run.model.source": "chgnet", "run.model.kernels": "e3nn", "run.model.dtype": "float32",
+           "run.model.restrict_elements": False, "run.model.physics.mode": "off",
+           "run.train.compile": "off", "search.physics": None}
 VARIANTS: dict[str, dict[str, Any]] = {
     "main": {},  # L2-SP + BSS searched
     "no-reg": {"name": "no-reg", **_PLAIN},  # plain full fine-tuning
@@ -431,6 +450,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "zero-shot": {"name": "zero-shot", **_PLAIN, "run.model.physics.mode": "zero-shot"},
     "phys-features": {"name": "phys-features", **_PLAIN, "run.model.physics.mode": "features"},
     "phys-residual": {"name": "phys-residual", **_PLAIN, "run.model.physics.mode": "residual"},
+    # the second backbone family (matxfer.backbones.chgnet), pretrained and its random twin;
+    # options only MACE has are set to what CHGNet runs with
+    "chgnet": {"name": "chgnet", **_CHGNET},
+    "chgnet-random": {"name": "chgnet-random", **_CHGNET, "run.model.init": "random", **_PLAIN},
 }
 
 

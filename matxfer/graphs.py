@@ -1,8 +1,10 @@
-"""Structure (pymatgen or ASE) -> MACE graph; a compact on-disk graph cache; batching.
+"""Structure (pymatgen or ASE) -> neighbour graph; a compact on-disk graph cache; batching.
 
 A task's graphs are stored as flat tensors (positions, species, edges, shifts) plus per-structure
 offsets, so a cache of 100k structures is a handful of arrays rather than 100k Python objects.
-Batches are the dict MACE's blocks consume: node_attrs, positions, edge_index, shifts, batch, ptr.
+A backbone needing more than the neighbour graph (CHGNet's bond graph) adds named ragged
+`extras`, stored the same way. Batches are dicts of tensors: node_attrs, positions, edge_index,
+shifts, batch, ptr (what MACE consumes), plus x_<extra> / n_<extra> per extra.
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ CACHE_FORMAT = 2  # 2: targets stored as a tensor (weights-only loadable)
 _ARRAYS = ("n_atoms", "n_edges", "species", "positions", "edge_index", "shifts", "targets")
 
 
+@dataclass(frozen=True)
+class GraphSpec:
+    """How a backbone's graphs are built: its element table, cutoff (Å) and dtype; for a
+    family with more than a neighbour graph, `kind` (part of the cache key) and `part`
+    (structure, id -> the `structure_graph` tuple plus a dict of ragged extras)."""
+
+    z_table: tuple[int, ...]
+    cutoff: float
+    dtype: torch.dtype
+    kind: str = ""
+    part: Callable | None = None
+
+    def graph(self, structure, mbid: str) -> tuple:
+        if self.part is not None:
+            return self.part(structure, mbid)
+        return structure_graph(structure, mbid, self.z_table, self.cutoff)
+
+
 @dataclass
 class GraphSet:
     """All graphs of a task. Species index the model's element table (z_table)."""
@@ -45,11 +65,14 @@ class GraphSet:
     z_table: tuple[int, ...]
     skipped: list = field(default_factory=list)  # (id, reason) of rows left out
     descriptors: np.ndarray | None = None  # [N, d] matxfer.physics descriptors (not cached)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [sum rows, ...]
+    extra_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N] int64
 
     def __post_init__(self) -> None:
         zero = torch.zeros(1, dtype=torch.long)
         self.atom_start = torch.cat([zero, self.n_atoms.cumsum(0)])
         self.edge_start = torch.cat([zero, self.n_edges.cumsum(0)])
+        self.extra_start = {k: torch.cat([zero, c.cumsum(0)]) for k, c in self.extra_counts.items()}
         self.index = {mbid: i for i, mbid in enumerate(self.ids)}
 
     def __len__(self) -> int:
@@ -62,6 +85,11 @@ class GraphSet:
         """[atoms of `rows`] int64: the species (z_table indices) of those structures."""
         spans = [self.species[self.atom_start[r]:self.atom_start[r + 1]] for r in rows]
         return torch.cat(spans) if spans else self.species[:0]
+
+
+def present_elements(species: torch.Tensor, z_table: Sequence[int]) -> list[int]:
+    """Atomic numbers occurring in `species` ([n_atoms] indices into z_table), sorted."""
+    return sorted(int(z_table[i]) for i in torch.unique(species).tolist())
 
 
 def structure_arrays(structure) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple]:
@@ -79,6 +107,18 @@ def structure_arrays(structure) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     return numbers, positions, np.asarray(structure.lattice.matrix, dtype=float), (True,) * 3
 
 
+def check_elements(numbers: np.ndarray, mbid: str, z_table: Sequence[int]) -> None:
+    """UserError naming the structure and the elements the model's table lacks."""
+    unknown = sorted({int(z) for z in numbers} - {int(z) for z in z_table})
+    if unknown:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(chemical_symbols[z] for z in unknown)
+        raise UserError(
+            f"structure {mbid}: element {names} is not among the model's {len(z_table)} elements"
+        )
+
+
 def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float):
     """Neighbour graph of one structure, periodic along the directions its pbc says.
 
@@ -89,14 +129,7 @@ def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float)
 
     z_index = {z: i for i, z in enumerate(z_table)}
     numbers, positions, cell, pbc = structure_arrays(structure)
-    unknown = sorted({int(z) for z in numbers if int(z) not in z_index})
-    if unknown:
-        from ase.data import chemical_symbols
-
-        names = ", ".join(chemical_symbols[z] for z in unknown)
-        raise UserError(
-            f"structure {mbid}: element {names} is not among the model's {len(z_table)} elements"
-        )
+    check_elements(numbers, mbid, z_table)
     edge_index, shifts, _, _ = get_neighborhood(positions=positions, cutoff=cutoff, pbc=pbc,
                                                 cell=cell)
     species = np.array([z_index[int(z)] for z in numbers], dtype=np.int64)
@@ -104,17 +137,17 @@ def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float)
 
 
 def build_graph_set(
-    ids: Sequence[str], structures: Sequence, targets: np.ndarray, z_table: Sequence[int],
-    cutoff: float, dtype: torch.dtype, progress: bool = True, skip_bad: bool = False,
+    ids: Sequence[str], structures: Sequence, targets: np.ndarray, spec: GraphSpec,
+    progress: bool = True, skip_bad: bool = False,
 ) -> GraphSet:
     """Build the graphs of every structure, with a progress bar (see `graphs_from_rows`)."""
-    return graphs_from_rows(zip(ids, structures, targets), z_table, cutoff, dtype, progress,
-                            skip_bad, total=len(ids))
+    return graphs_from_rows(zip(ids, structures, targets), spec, progress, skip_bad,
+                            total=len(ids))
 
 
 def graphs_from_rows(
-    rows: Iterable[tuple[str, object, float]], z_table: Sequence[int], cutoff: float,
-    dtype: torch.dtype, progress: bool = True, skip_bad: bool = False, total: int | None = None,
+    rows: Iterable[tuple[str, object, float]], spec: GraphSpec, progress: bool = True,
+    skip_bad: bool = False, total: int | None = None,
 ) -> GraphSet:
     """Graphs of (id, structure, target) rows consumed one at a time: only the graphs' arrays
     are kept, never the structures. With `skip_bad`, a structure the model cannot take (an
@@ -123,7 +156,7 @@ def graphs_from_rows(
     for mbid, structure, target in tqdm(rows, unit="struct", desc="building graphs",
                                         total=total, disable=not progress):
         try:
-            parts.append(structure_graph(structure, mbid, z_table, cutoff))
+            parts.append(spec.graph(structure, mbid))
         except UserError as err:
             if not skip_bad:
                 raise
@@ -133,15 +166,20 @@ def graphs_from_rows(
         targets.append(target)
     if not ids:
         raise UserError(f"no structure can be used: {skipped[0][0]}: {skipped[0][1]}")
-    graphs = graph_set_from_parts(ids, parts, np.asarray(targets, dtype=np.float64), z_table,
-                                  dtype)
+    graphs = graph_set_from_parts(ids, parts, np.asarray(targets, dtype=np.float64),
+                                  spec.z_table, spec.dtype)
     graphs.skipped = skipped
     return graphs
 
 
 def graph_set_from_parts(ids: Sequence[str], parts: list, targets: np.ndarray,
                          z_table: Sequence[int], dtype: torch.dtype) -> GraphSet:
-    """Concatenate per-structure `structure_graph` outputs into one GraphSet."""
+    """Concatenate per-structure `structure_graph` outputs (each with an optional 5th item:
+    a dict of ragged extras, name -> array [rows, ...]) into one GraphSet."""
+    names = sorted(parts[0][4]) if parts and len(parts[0]) > 4 else []
+    extras = {k: torch.from_numpy(np.concatenate([np.asarray(p[4][k]) for p in parts]))
+              for k in names}
+    counts = {k: torch.tensor([len(p[4][k]) for p in parts], dtype=torch.long) for k in names}
     return GraphSet(
         ids=list(ids),
         targets=np.asarray(targets, dtype=np.float64),
@@ -152,18 +190,23 @@ def graph_set_from_parts(ids: Sequence[str], parts: list, targets: np.ndarray,
         edge_index=torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1)).long(),
         shifts=torch.from_numpy(np.concatenate([p[3] for p in parts])).to(dtype),
         z_table=tuple(int(z) for z in z_table),
+        extras={k: v.to(dtype) if v.is_floating_point() else v for k, v in extras.items()},
+        extra_counts=counts,
     )
 
 
 VerifiedCache = tuple[str, str]  # (graph cache file, its sha256), checked by the driver
 
 
-def cache_key(task: str, cutoff: float, dtype: torch.dtype, z_table: Sequence[int],
-              source: str = "") -> str:
-    """Stable key of a graph cache: (task, cutoff, dtype, element table, data source, format)."""
-    spec = {"task": task, "cutoff": round(float(cutoff), 6), "dtype": str(dtype),
-            "z_table": [int(z) for z in z_table], "source": source, "format": CACHE_FORMAT}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def cache_key(task: str, spec: GraphSpec, source: str = "") -> str:
+    """Stable key of a graph cache: (task, cutoff, dtype, element table, graph kind, data
+    source, format); a plain neighbour graph keeps the key it had before kinds existed."""
+    fields = {"task": task, "cutoff": round(float(spec.cutoff), 6), "dtype": str(spec.dtype),
+              "z_table": [int(z) for z in spec.z_table], "source": source,
+              "format": CACHE_FORMAT}
+    if spec.kind:
+        fields["kind"] = spec.kind
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -182,6 +225,8 @@ def save_graph_set(graphs: GraphSet, path: Path) -> None:
                    format=CACHE_FORMAT)
     if graphs.skipped:
         payload["skipped"] = [list(s) for s in graphs.skipped]
+    if graphs.extras:
+        payload.update(extras=graphs.extras, extra_counts=graphs.extra_counts)
     save_checked(payload, path)
 
 
@@ -196,22 +241,23 @@ def load_graph_set(path: Path, verified_sha256: str | None = None) -> GraphSet:
     arrays = {name: payload[name] for name in _ARRAYS}
     arrays["targets"] = arrays["targets"].numpy()
     return GraphSet(ids=payload["ids"], z_table=tuple(payload["z_table"]), **arrays,
-                    skipped=[tuple(s) for s in payload.get("skipped", [])])
+                    skipped=[tuple(s) for s in payload.get("skipped", [])],
+                    extras=payload.get("extras", {}),
+                    extra_counts=payload.get("extra_counts", {}))
 
 
-def cache_file(data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: torch.dtype
-               ) -> Path:
+def cache_file(data: DataConfig, spec: GraphSpec) -> Path:
     """Where the graph cache of this dataset and these settings lives (hashes the data)."""
     folder = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     source = source_id(data)
     if data.source is not None:
         source += f"|skip={data.source.skip_bad_rows}"
-    return folder / f"{data.task}-{cache_key(data.task, cutoff, dtype, z_table, source)}.pt"
+    return folder / f"{data.task}-{cache_key(data.task, spec, source)}.pt"
 
 
 def task_graphs(
-    data: DataConfig, z_table: Sequence[int], cutoff: float, dtype: torch.dtype,
-    progress: bool = True, verified: VerifiedCache | None = None,
+    data: DataConfig, spec: GraphSpec, progress: bool = True,
+    verified: VerifiedCache | None = None,
     check: Callable[[GraphSet], None] | None = None,
 ) -> GraphSet:
     """The graphs of every structure of the dataset, from the cache or built once and cached.
@@ -219,7 +265,7 @@ def task_graphs(
     on newly built graphs before they are cached (a UserError there leaves no cache file)."""
     if verified is not None:
         return load_graph_set(Path(verified[0]), verified[1])
-    path = cache_file(data, z_table, cutoff, dtype)
+    path = cache_file(data, spec)
     folder = path.parent
     if path.is_file():
         try:
@@ -230,8 +276,8 @@ def task_graphs(
             sidecar(path).unlink(missing_ok=True)
     skipped: list = []
     skip = data.source is not None and data.source.skip_bad_rows
-    graphs = graphs_from_rows(stream_rows(data, skipped), z_table, cutoff, dtype, progress,
-                              skip, total=data.spec.size or None)
+    graphs = graphs_from_rows(stream_rows(data, skipped), spec, progress, skip,
+                              total=data.spec.size or None)
     graphs.skipped = skipped + graphs.skipped
     if check is not None:
         check(graphs)
@@ -247,7 +293,8 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
 
     Keys: node_attrs [n, n_elements] one-hot, positions [n,3], edge_index [2,E] (global),
     shifts [E,3], batch [n], ptr [B+1], y [B] (task units, float64); phys [B,d] (float64,
-    NaN where a descriptor failed) when the graphs carry descriptors.
+    NaN where a descriptor failed) when the graphs carry descriptors; per extra, x_<name>
+    [sum rows, ...] (the rows' spans, local indices as stored) and n_<name> [B].
     """
     rows_t = torch.as_tensor(rows, dtype=torch.long)
     na, ne = graphs.n_atoms[rows_t], graphs.n_edges[rows_t]
@@ -270,6 +317,11 @@ def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = 
     }
     if graphs.descriptors is not None:
         batch["phys"] = torch.as_tensor(graphs.descriptors[rows_t.numpy()])
+    for name, flat in graphs.extras.items():
+        start = graphs.extra_start[name]
+        spans = [torch.arange(start[r], start[r + 1]) for r in rows]
+        batch[f"x_{name}"] = flat[torch.cat(spans)]
+        batch[f"n_{name}"] = graphs.extra_counts[name][rows_t]
     return to_device(batch, device)
 
 

@@ -1,121 +1,30 @@
-"""MACE-MP-0 backbone (pretrained or its random twin) + pooled MLP head: PropertyModel."""
+"""A foundation backbone (pretrained or its random twin) + pooled MLP head: PropertyModel."""
 
 from __future__ import annotations
-
-import contextlib
-import io
-import os
-import re
-import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from matxfer.backbones.mace import compile_ready
+from matxfer.backbones.registry import block_index, family_of_net, load_backbone, weights_file
+from matxfer.config import ModelConfig
+from matxfer.errors import UserError
+from matxfer.graphs import GraphSpec
 
-def _import_mace_quietly() -> None:
-    """Import mace before e3nn (it sets up torch>=2.6 unpickling of MACE models), without the
-    banner it prints when the optional cuequivariance kernels are absent."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import mace.modules  # noqa: F401
-        import mace.tools.scripts_utils  # noqa: F401
-
-
-_import_mace_quietly()
-
-from matxfer.config import ModelConfig  # noqa: E402
-from matxfer.errors import UserError  # noqa: E402
-
-SMALL_FILE = "2023-12-10-mace-128-L0_energy_epoch-249.model"
-SHARED_MODELS = Path("shared") / "models"
+__all__ = ["PropertyModel", "TargetScaler", "block_index", "block_names", "build_model",
+           "graph_spec", "load_backbone", "pool", "weights_file"]
 
 
-def resolve_model_path(source: str) -> Path:
-    """'small' -> MATXFER_MODEL, ../shared/models/<file>, or mace's cache/download; else a path."""
-    if source != "small":
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(
-                f"model file {source!r} does not exist; use 'small' or a MACE model file")
-        return path
-    if os.environ.get("MATXFER_MODEL"):
-        return resolve_model_path(os.environ["MATXFER_MODEL"])
-    repo_root = Path(__file__).resolve().parents[1]
-    for base in (Path.cwd(), repo_root):
-        for folder in (base.parent / SHARED_MODELS, base / SHARED_MODELS):
-            candidate = folder / SMALL_FILE
-            if candidate.is_file():
-                return candidate
-    from mace.calculators.foundations_models import download_mace_mp_checkpoint
-
-    try:  # users outside this machine: mace's own cache, downloaded once
-        return Path(download_mace_mp_checkpoint("small"))
-    except Exception as err:
-        raise UserError(f"cannot find or download MACE-MP-0 'small': {err}") from None
-
-
-def load_backbone(source: str, init: str = "pretrained", seed: int = 0,
-                  dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The MACE model; `init='random'` gives the identical architecture, freshly initialised."""
-    path = resolve_model_path(source)
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(f"cannot load MACE model {str(path)!r}: {err}") from None
-    if not isinstance(model, nn.Module) or not hasattr(model, "interactions"):
-        raise UserError(f"{str(path)!r} does not hold a MACE model")
-    if init == "random":
-        from mace.tools.scripts_utils import extract_config_mace_model
-
-        cfg = extract_config_mace_model(model)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = type(model)(**cfg)
-    for p in model.readouts.parameters():  # energy readouts get no gradient from our head
-        p.requires_grad_(False)
-    return model.to(dtype)
-
-
-# The backbone's blocks, bottom to top: the one definition used by freezing, layer-wise LR
-# decay, weight drift and the per-layer features. Block 0 embeds elements and distances;
-# block i + 1 is interaction i with its product (the features after it are layer i + 1).
-_BLOCK_OF = ((re.compile(r"^(?:node_embedding|radial_embedding)\."), None),
-             (re.compile(r"^(?:interactions|products)\.(\d+)\."), 1))
-_UNUSED = re.compile(r"^(?:readouts|scale_shift|atomic_energies_fn)\.")  # energy head: frozen
+def graph_spec(backbone: nn.Module) -> GraphSpec:
+    """How the input graphs of a backbone are built and cached."""
+    return family_of_net(backbone).graph_spec(backbone)
 
 
 def block_names(backbone: nn.Module) -> list[str]:
-    """'embedding', then 'interaction_<i>' per interaction (+ product) block."""
-    return ["embedding"] + [f"interaction_{i}" for i in range(len(backbone.interactions))]
-
-
-def block_index(name: str) -> int | None:
-    """Block (index into block_names) of a backbone parameter name such as
-    'interactions.0.linear.weight'; None for the energy readouts, which the property model
-    does not use. A name in neither raises: an unknown architecture's weights must not be
-    filed under some block silently."""
-    for pattern, offset in _BLOCK_OF:
-        match = pattern.match(name)
-        if match:
-            return 0 if offset is None else int(match.group(1)) + offset
-    if _UNUSED.match(name):
-        return None
-    raise ValueError(f"backbone parameter {name!r} belongs to no block of the backbone")
-
-
-def scalar_columns(backbone: nn.Module) -> list[torch.Tensor]:
-    """Per interaction layer, the column indices of the invariant (0e) node features."""
-    from e3nn import o3
-
-    columns = []
-    for product in backbone.products:
-        irreps = o3.Irreps(str(product.linear.irreps_out))
-        idx = [torch.arange(s.start, s.stop) for s, (_, ir) in zip(irreps.slices(), irreps)
-               if ir.l == 0 and ir.p == 1]
-        columns.append(torch.cat(idx))
-    return columns
+    """The backbone's blocks bottom to top: 'embedding', then 'interaction_<i>' per layer
+    (the one definition used by freezing, LR decay, drift and the MI layers)."""
+    return family_of_net(backbone).block_names(backbone)
 
 
 def pool(x: torch.Tensor, batch: torch.Tensor, n_graphs: int, how: str) -> torch.Tensor:
@@ -142,27 +51,6 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def backbone_layer_features(bb: nn.Module, batch: dict,
-                            columns: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per interaction+product block of MACE `bb`, node features [n_atoms, d_l] at `columns`."""
-    from mace.modules.utils import get_edge_vectors_and_lengths
-
-    node_attrs, edge_index = batch["node_attrs"], batch["edge_index"]
-    vectors, lengths = get_edge_vectors_and_lengths(
-        positions=batch["positions"], edge_index=edge_index, shifts=batch["shifts"])
-    edge_attrs = bb.spherical_harmonics(vectors)
-    edge_feats, cutoff = bb.radial_embedding(lengths, node_attrs, edge_index, bb.atomic_numbers)
-    node_feats = bb.node_embedding(node_attrs)
-    feats = []
-    for i, (interaction, product) in enumerate(zip(bb.interactions, bb.products)):
-        node_feats, sc = interaction(
-            node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
-            edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff, first_layer=(i == 0))
-        node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
-        feats.append(node_feats[:, columns[i]])
-    return feats
-
-
 _PHYSICS_KEYS = {"phys_mean": "mean", "phys_std": "std", "calib_w": "w", "calib_b": "b",
                  "calib_floor": "floor", "target_log": "log", "target_mean": "t_mean",
                  "target_std": "t_std"}
@@ -175,7 +63,8 @@ def _physics_buffers(n: int) -> list[tuple[str, tuple]]:
 
 
 class PropertyModel(nn.Module):
-    """MACE backbone -> per-layer invariant node features -> pooled -> MLP head -> [B]."""
+    """Backbone (matxfer.backbones) -> per-layer invariant node features -> pooled -> MLP
+    head -> [B]."""
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean",
                  head_hidden: list[int] | None = None, physics: str = "off",
@@ -184,10 +73,8 @@ class PropertyModel(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.fast_path = None  # RestrictedBackbone / CueqBackbone: same weights, other compute
-        cols = scalar_columns(backbone)
-        for i, c in enumerate(cols):
-            self.register_buffer(f"scalar_cols_{i}", c, persistent=False)
-        width = sum(len(c) for c in cols) * (2 if pooling == "mean+max" else 1)
+        self.family = family_of_net(backbone)
+        width = sum(self.family.layer_widths(backbone)) * (2 if pooling == "mean+max" else 1)
         width += n_physics if physics == "features" else 0
         dtype = next(backbone.parameters()).dtype
         self.head = mlp([width, *(head_hidden or [256, 128]), 1]).to(dtype)
@@ -225,17 +112,25 @@ class PropertyModel(nn.Module):
 
     def restrict_elements(self, elements: list[int]) -> None:
         """Run the backbone on these elements only (same results, less compute; see
-        matxfer.elements). Batches holding other elements still take the full path."""
-        from matxfer.elements import RestrictedBackbone
+        matxfer.backbones.mace_elements). Batches holding other elements take the full path."""
+        from matxfer.backbones.mace import mace_features
+        from matxfer.backbones.mace_elements import RestrictedBackbone
 
-        self._set_fast_path(RestrictedBackbone(self.backbone, elements, backbone_layer_features))
+        self._needs_mace("model.restrict_elements")
+        self._set_fast_path(RestrictedBackbone(self.backbone, elements, mace_features))
 
     def use_cueq_kernels(self) -> None:
         """Compute the backbone with cuequivariance kernels (same weights and results; see
-        matxfer.kernels)."""
-        from matxfer.kernels import CueqBackbone
+        matxfer.backbones.mace_cueq)."""
+        from matxfer.backbones.mace import mace_features
+        from matxfer.backbones.mace_cueq import CueqBackbone
 
-        self._set_fast_path(CueqBackbone(self.backbone, backbone_layer_features))
+        self._needs_mace("model.kernels 'cueq'")
+        self._set_fast_path(CueqBackbone(self.backbone, mace_features))
+
+    def _needs_mace(self, option: str) -> None:
+        if self.family.name != "mace":
+            raise UserError(f"{option} is not supported by the {self.family.name} backbone")
 
     def _set_fast_path(self, path) -> None:
         path.apply_(lambda t: t.to(next(self.backbone.parameters()).device))
@@ -248,12 +143,22 @@ class PropertyModel(nn.Module):
         return self
 
     def layer_features(self, batch: dict) -> list[torch.Tensor]:
-        """Invariant node features after each interaction+product block: list of [n_atoms, d_l]."""
-        cols = [getattr(self, f"scalar_cols_{i}") for i in range(len(self.backbone.products))]
+        """Invariant node features after each message-passing layer: list of [n_atoms, d_l]."""
         path = getattr(self, "fast_path", None)
         if path is not None and path.covers(batch["node_attrs"]):
-            return path.layer_features(self.backbone, batch, cols)
-        return backbone_layer_features(self.backbone, batch, cols)
+            return path.layer_features(self.backbone, batch)
+        return self.family.layer_features(self.backbone, batch)
+
+    def embedding_features(self, batch: dict) -> torch.Tensor:
+        """Invariant node features of the element embedding [n_atoms, d_0]."""
+        return self.family.embedding_features(self.backbone, batch)
+
+    def block_names(self) -> list[str]:
+        return self.family.block_names(self.backbone)
+
+    def graph_spec(self) -> GraphSpec:
+        """How this model's input graphs are built and cached (its backbone's)."""
+        return self.family.graph_spec(self.backbone)
 
     def pooled_layer_features(self, batch: dict) -> list[torch.Tensor]:
         """Per layer, pooled invariant features [B, d_l] (or [B, 2 d_l] for mean+max)."""
@@ -313,25 +218,6 @@ class TargetScaler:
         obj = cls.__new__(cls)
         obj.__dict__.update(state)
         return obj
-
-
-def compile_ready(backbone: nn.Module) -> nn.Module:
-    """The same MACE rebuilt without e3nn's TorchScript code generation and fx-simplified
-    (mace.tools.compile.prepare), so torch.compile can trace it; identical state dict."""
-    from mace.tools.compile import prepare
-    from mace.tools.scripts_utils import extract_config_mace_model
-
-    dtype = next(backbone.parameters()).dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        twin = prepare(type(backbone))(**extract_config_mace_model(backbone))
-    finally:
-        torch.set_default_dtype(previous)
-    twin.load_state_dict(backbone.state_dict())
-    for mine, theirs in zip(twin.parameters(), backbone.parameters()):
-        mine.requires_grad_(theirs.requires_grad)
-    return twin.to(dtype)
 
 
 def build_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:

@@ -20,7 +20,7 @@ import torch
 from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
 from matxfer.config import RunConfig
 from matxfer.errors import UserError
-from matxfer.graphs import GraphSet, collate, graph_set_from_parts, structure_graph
+from matxfer.graphs import GraphSet, GraphSpec, collate, graph_set_from_parts
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.physics.cache import compute, potential_of
 from matxfer.physics.potential import frame_of
@@ -149,20 +149,20 @@ def check_structure(structure) -> None:
                          f"{MIN_DISTANCE} Å)")
 
 
-def prepare(files: list[Path], z_table, cutoff: float, dtype) -> tuple[GraphSet | None, list]:
+def prepare(files: list[Path], spec: GraphSpec) -> tuple[GraphSet | None, list]:
     """Graphs of every readable file; per-file errors are collected, not raised."""
     rows, errors = [], []
     for path in files:
         try:
             structure = read_structure(path)
             check_structure(structure)
-            rows.append((path, structure, structure_graph(structure, path.name, z_table, cutoff)))
+            rows.append((path, structure, spec.graph(structure, path.name)))
         except Exception as err:
             errors.append({"file": str(path), "formula": "", "error": one_line(err)})
     if not rows:
         return None, errors
     graphs = graph_set_from_parts([str(r[0]) for r in rows], [r[2] for r in rows],
-                                  np.zeros(len(rows)), z_table, dtype)
+                                  np.zeros(len(rows)), spec.z_table, spec.dtype)
     graphs.formulas = [r[1].composition.reduced_formula for r in rows]
     graphs.structures = [r[1] for r in rows]
     return graphs, errors
@@ -203,9 +203,12 @@ def predict_graphs(predictor: Predictor, graphs: GraphSet, batch_size: int = 32)
 def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.DataFrame:
     """One row per file: file, formula, prediction, std (ensembles), error, unit."""
     predictors = [load_predictor(p) for p in resolve_models(model_ref)]
-    first = predictors[0].model.backbone
-    graphs, errors = prepare([Path(f) for f in files], [int(z) for z in first.atomic_numbers],
-                             float(first.r_max), next(first.parameters()).dtype)
+    specs = {p.model.graph_spec() for p in predictors}
+    if len(specs) > 1:
+        raise UserError(f"--model {model_ref!r}: an ensemble's members use different backbones "
+                        f"({', '.join(sorted({p.model.family.name for p in predictors}))}); "
+                        "predict with each separately")
+    graphs, errors = prepare([Path(f) for f in files], specs.pop())
     table = pd.DataFrame(errors, columns=["file", "formula", "error"])
     if graphs is not None:
         known: dict = {}

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
+from matxfer.backbones.mace_cueq import cueq_available
 from matxfer.checkpoint import CHECKPOINT_FILE
 from matxfer.config import DataConfig, RunConfig, StudyConfig
 from matxfer.datasets.matbench import local_data_file
 from matxfer.datasets.sources import source_format, source_sha256
 from matxfer.errors import UserError
+from matxfer.graphs import GraphSpec
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
-from matxfer.kernels import cueq_available
-from matxfer.model import block_names, resolve_model_path
+from matxfer.model import block_names, family_of_net, graph_spec, weights_file
 from matxfer.run import check_free_space, check_writable
 from matxfer.scheduling import (
     describe_nodes,
@@ -46,8 +47,8 @@ class ModelFacts:
     n_params: int
     n_bytes: int  # float32 training copy, bytes
     n_blocks: int  # model.block_names: freezing, LR decay, drift, layers
-    atomic_numbers: tuple[int, ...]  # the element table graphs are built for
-    r_max: float  # cutoff, Å
+    graph: GraphSpec  # element table, cutoff, dtype, kind: how its graphs are built
+    family: str  # matxfer.backbones: mace or chgnet
 
 
 @dataclass
@@ -69,15 +70,17 @@ class Plan:
 
 
 @lru_cache(maxsize=4)
-def model_facts(path: Path) -> ModelFacts:
-    """Parameter count and blocks of a MACE file (loaded once per process)."""
+def model_facts(source: str, dtype: str = "float32") -> ModelFacts:
+    """Weights file, parameter count, blocks and graph settings of a model.source (loaded
+    once per process)."""
     from matxfer.model import load_backbone
 
-    backbone = load_backbone(str(path))
+    path = weights_file(source)
+    backbone = load_backbone(source, dtype=getattr(torch, dtype))
     n_params = sum(p.numel() for p in backbone.parameters())
     return ModelFacts(path, file_sha256(str(path)), n_params, 4 * n_params,
-                      len(block_names(backbone)),
-                      tuple(int(z) for z in backbone.atomic_numbers), float(backbone.r_max))
+                      len(block_names(backbone)), graph_spec(backbone),
+                      family_of_net(backbone).name)
 
 
 @lru_cache(maxsize=1)
@@ -131,7 +134,7 @@ def preflight_run(cfg: RunConfig) -> ModelFacts:
     problems = data_problems(cfg.data) + compute_problems(cfg)
     facts = None
     try:
-        facts = model_facts(resolve_model_path(cfg.model.source))
+        facts = model_facts(cfg.model.source, cfg.model.dtype)
     except UserError as err:
         problems.append(str(err))
     if facts is not None and cfg.strategy.freeze_blocks > facts.n_blocks:
@@ -196,7 +199,7 @@ def check_data(plan: Plan) -> str:
 def check_model(plan: Plan) -> str:
     cfg = plan.study.run.model
     try:
-        facts = model_facts(resolve_model_path(cfg.source))
+        facts = model_facts(cfg.source, cfg.dtype)
     except UserError as err:
         plan.problems.append(str(err))
         return "missing"

@@ -21,9 +21,8 @@ from matxfer import __version__
 from matxfer.checkpoint import build_payload
 from matxfer.config import RunConfig
 from matxfer.datasets.loading import data_files, fold_split
-from matxfer.elements import present_elements
 from matxfer.errors import UserError
-from matxfer.graphs import GraphSet, VerifiedCache, cache_file, task_graphs
+from matxfer.graphs import GraphSet, VerifiedCache, cache_file, present_elements, task_graphs
 from matxfer.metrics import score
 from matxfer.model import PropertyModel, TargetScaler, build_model
 from matxfer.physics.cache import aligned, descriptor_table
@@ -50,10 +49,7 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
 
     With model.restrict_elements, `model` then computes on the task's elements only."""
     spec = cfg.data.spec
-    backbone = model.backbone
-    graphs = task_graphs(
-        cfg.data, [int(z) for z in backbone.atomic_numbers], float(backbone.r_max),
-        next(backbone.parameters()).dtype, progress, verified)
+    graphs = task_graphs(cfg.data, model.graph_spec(), progress, verified)
     if cfg.model.restrict_elements:
         model.restrict_elements(present_elements(graphs.species, graphs.z_table))
     targets = pd.Series(graphs.targets, index=graphs.ids, name="target")
@@ -66,8 +62,7 @@ def prepare_fold(cfg: RunConfig, model: PropertyModel, progress: bool = True,
     scaler = TargetScaler(y_train, log=log, classification=spec.kind == "classification")
     physics = cfg.model.physics
     if physics is not None and physics.mode != "off":
-        graph_file = Path(verified[0]) if verified else cache_file(
-            cfg.data, graphs.z_table, float(backbone.r_max), next(backbone.parameters()).dtype)
+        graph_file = Path(verified[0]) if verified else cache_file(cfg.data, model.graph_spec())
         attach_physics(cfg, model if calibrate else None, graphs, split.train, scaler,
                        graph_file, progress)
     return FoldData(spec, graphs, split, scaler)

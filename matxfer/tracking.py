@@ -235,10 +235,10 @@ def open_parent_run(tracker: Tracker, study: StudyConfig, fold: int, name: str,
     """The fold's parent run (reused when the same study resumes: `name` carries the
     fingerprint), with the search space."""
     from matxfer.datasets.loading import source_id
-    from matxfer.model import resolve_model_path
+    from matxfer.model import weights_file
 
     task = study.run.data.task
-    tags = reproducibility_tags(task, resolve_model_path(study.run.model.source),
+    tags = reproducibility_tags(task, weights_file(study.run.model.source),
                                 source_id(study.run.data))
     tags.update({"variant": study.name, "fold": str(fold), "matxfer.fingerprint": fingerprint,
                  "unit": study.run.data.spec.unit})

@@ -14,7 +14,6 @@ import os
 
 import pandas as pd
 import ray
-import torch
 from ray import tune
 
 from matxfer.config import StudyConfig
@@ -167,7 +166,7 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
     trusting this check (`VerifiedCache`: the file and its checksum). Every requested fold is
     split here too, so data that cannot be split stops the study before anything starts."""
     d, m = study.run.data, plan.model
-    args = (d, list(m.atomic_numbers), m.r_max, getattr(torch, study.run.model.dtype))
+    args = (d, m.graph)
     def splits(graphs) -> None:
         for fold in study.folds:
             fold_split(d.model_copy(update={"fold": fold}), graphs)

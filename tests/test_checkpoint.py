@@ -16,12 +16,11 @@ import pytest
 import torch
 
 import matxfer
+from matxfer.backbones.mace_arch import decode, encode
 from matxfer.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT_VERSION,
     convert_checkpoint,
-    decode,
-    encode,
     load_checkpoint,
 )
 from matxfer.config import load_config
@@ -77,7 +76,7 @@ def strings(tree):
 
 @pytest.mark.slow
 def test_a_checkpoint_carries_what_prediction_needs_and_no_paths(trained):
-    from matxfer.model import resolve_model_path
+    from matxfer.model import weights_file
 
     folder, cfg = trained
     payload = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
@@ -86,7 +85,7 @@ def test_a_checkpoint_carries_what_prediction_needs_and_no_paths(trained):
     assert payload["task_spec"] == {"name": "matbench_jdft2d", "target": "exfoliation_en",
                                     "unit": "meV/atom", "kind": "regression", "metric": "mae"}
     assert payload["foundation"] == {"init": "pretrained", "source": "small", "seed": 0,
-                                     "sha256": sha256_file(resolve_model_path("small"))}
+                                     "sha256": sha256_file(weights_file("small"))}
     assert payload["backbone"]["class"] == "ScaleShiftMACE"
     assert payload["backbone"]["dtype"] == "float32"
     assert payload["head"] == {"pooling": "mean", "hidden": [16]}
@@ -174,8 +173,10 @@ def test_predict_needs_neither_foundation_weights_nor_data(trained, nacl, tmp_pa
     original = original_model(folder, cfg)
     payload = load_checked(folder / CHECKPOINT_FILE)
     bb = original.backbone
-    graphs, errors = prepare([nacl], [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                             torch.float32)
+    from matxfer.graphs import GraphSpec
+
+    spec = GraphSpec(tuple(int(z) for z in bb.atomic_numbers), float(bb.r_max), torch.float32)
+    graphs, errors = prepare([nacl], spec)
     from matxfer.model import TargetScaler
 
     expected = predict_graphs(Predictor(original, TargetScaler.from_state(payload["scaler"]),

@@ -30,7 +30,7 @@ def mace_element_rows(model: PropertyModel):
     """rows_of(name, tensor) -> [n_elements, -1] for MACE's per-element weights, else None:
     symmetric contractions (element axis first), the one-hot embedding (element-major flat) and
     the skip tensor product with the one-hot node attributes (element axis = input 2)."""
-    n = len(model.backbone.atomic_numbers)
+    n = len(model.graph_spec().z_table)
 
     def rows_of(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         rows = element_rows(tensor, n)
@@ -86,9 +86,8 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
     check_foundation(payload, cfg.model)  # drift against other weights would mean nothing
     names = [n for n, p in start.named_parameters() if p.requires_grad]
     state, state0 = tuned.state_dict(), start.state_dict()
-    bb = start.backbone
-    graphs = task_graphs(cfg.data, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                         next(bb.parameters()).dtype, progress=False)
+    z_table = start.graph_spec().z_table
+    graphs = task_graphs(cfg.data, start.graph_spec(), progress=False)
     present = trained_species(graphs, cfg)
     split = fold_split(cfg.data, graphs)
     train_ids = split.train + split.val  # the outer fold's training part
@@ -105,7 +104,7 @@ def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int =
         "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss,
         "drift": groups, "element_drift": per_element,
         "frozen_groups": frozen,  # strategy.freeze_blocks: unchanged by construction
-        "elements_present": [int(bb.atomic_numbers[i]) for i in present],
+        "elements_present": [int(z_table[i]) for i in present],
         "cka": {layer: linear_cka(before[layer], after[layer]) for layer in before},
         "cka_structures": len(rows),
     }

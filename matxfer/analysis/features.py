@@ -32,12 +32,11 @@ def pooled_features(model: PropertyModel, graphs: GraphSet, rows: Sequence[int] 
     model.eval()
     rows = list(range(len(graphs))) if rows is None else list(rows)
     names, chunks = layer_names(model), []
-    dtype = next(model.parameters()).dtype
     batches = iterate_batches(graphs, rows, batch_size)
     total = (len(rows) + batch_size - 1) // batch_size
     for batch in tqdm(batches, total=total, disable=not progress, desc="features", leave=False):
         n_graphs = batch["ptr"].numel() - 1
-        embedding = model.backbone.node_embedding(batch["node_attrs"].to(dtype))
+        embedding = model.embedding_features(batch)
         layers = [pool(embedding, batch["batch"], n_graphs, model.pooling)]
         layers += model.pooled_layer_features(batch)
         chunks.append([x.double().numpy() for x in layers])

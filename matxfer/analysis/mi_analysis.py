@@ -21,7 +21,7 @@ from matxfer.datasets.loading import source_id
 from matxfer.datasets.matbench import subset_ids
 from matxfer.errors import UserError
 from matxfer.graphs import cache_key, task_graphs
-from matxfer.model import build_model, resolve_model_path
+from matxfer.model import build_model, weights_file
 
 INITS = ("pretrained", "random")
 
@@ -35,14 +35,13 @@ def task_features(data: DataConfig, init: str, source: str = "small", pooling: s
     from matxfer.tracking import file_sha256
 
     model = build_model(ModelConfig(source=source, init=init, pooling=pooling))
-    bb = model.backbone
-    z_table, dtype = [int(z) for z in bb.atomic_numbers], next(bb.parameters()).dtype
-    graphs = task_graphs(data, z_table, float(bb.r_max), dtype, progress=progress)
+    spec = model.graph_spec()
+    graphs = task_graphs(data, spec, progress=progress)
     keep = subset_ids(list(graphs.ids), max_structures)
     rows = [i for i, mbid in enumerate(graphs.ids) if keep is None or mbid in keep]
     task = data.task
-    graph_key = cache_key(task, float(bb.r_max), dtype, z_table, source_id(data))
-    key = features_key(graph_key, file_sha256(str(resolve_model_path(source))), init,
+    graph_key = cache_key(task, spec, source_id(data))
+    key = features_key(graph_key, file_sha256(str(weights_file(source))), init,
                        0, pooling)
     path = feature_cache_path(f"{task}-{init}-{len(rows)}", key)
     features = load_features(path)

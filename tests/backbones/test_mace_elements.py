@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from matxfer.elements import gather_map, present_elements
-from matxfer.graphs import collate
+from matxfer.backbones.mace_elements import gather_map
+from matxfer.graphs import collate, present_elements
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
 from matxfer.train import fit
@@ -87,7 +87,7 @@ def test_training_with_and_without_restriction_is_the_same(backbone, tiny_cfg):
 
 
 def test_row_select_is_recognised_by_hand_and_other_gathers_fall_back():
-    from matxfer.elements import _row_select
+    from matxfer.backbones.mace_elements import _row_select
 
     columns = torch.tensor([1])
     # a [2, 3, 2] table, element 1 of 3 kept: flat positions 2, 3 and 8, 9

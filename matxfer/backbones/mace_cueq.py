@@ -4,7 +4,7 @@ MACE converts an e3nn model into one built on cuequivariance (`mace.cli.convert_
 the same architecture with fused tensor-product kernels, whose weights are the e3nn ones
 reshaped, except the symmetric contractions, which are concatenated and projected onto
 cuequivariance's basis. Here that converted model (the twin) is only a compute path, as in
-matxfer.elements: at every forward its weights are computed from the e3nn backbone's
+matxfer.backbones.mace_elements: at every forward its weights are computed from the e3nn backbone's
 parameters by that same linear map, so the e3nn weights stay the only parameters (optimizer,
 L2-SP anchor, checkpoints, drift) and gradients flow back to them.
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from matxfer.elements import _Features
+from matxfer.backbones.mace_elements import _Features
 from matxfer.errors import UserError
 
 _SYMMETRIC = re.compile(r"^products\.(\d+)\.symmetric_contractions\.weight$")
@@ -88,7 +88,7 @@ class CueqBackbone:
     nn.Module, so the twin's parameters never reach optimizers, state dicts or DDP."""
 
     def __init__(self, full: nn.Module, features: Callable) -> None:
-        """features(backbone, batch, columns) -> per-layer node features (model.py's)."""
+        """features(backbone, batch) -> per-layer node features (backbones.mace's)."""
         if not cueq_available():
             raise UserError("model.kernels 'cueq' needs cuequivariance-torch; install it with "
                             "pip install 'matxfer[cueq]' or use kernels 'e3nn'")
@@ -134,9 +134,8 @@ class CueqBackbone:
             out["twin." + name] = weight
         return out
 
-    def layer_features(self, full: nn.Module, batch: dict,
-                       columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    def layer_features(self, full: nn.Module, batch: dict) -> list[torch.Tensor]:
         """The e3nn backbone's features for a batch, computed with cuequivariance kernels."""
         from torch.func import functional_call
 
-        return functional_call(self.module, self.parameters_from(full), (batch, columns))
+        return functional_call(self.module, self.parameters_from(full), (batch,))

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
+from matxfer.backbones.mace_cueq import CueqBackbone
 from matxfer.config import load_config
 from matxfer.errors import UserError
 from matxfer.graphs import collate
-from matxfer.kernels import CueqBackbone
 from matxfer.model import PropertyModel
 
 
@@ -44,7 +44,7 @@ def test_cueq_path_gives_the_e3nn_predictions_and_gradients(pair, jdft2d_graphs)
 
 def test_the_weight_map_reproduces_maces_conversion_after_a_change(pair):
     """Weights changed after conversion (as by training) map the way MACE would convert them."""
-    from matxfer.kernels import _cueq_twin
+    from matxfer.backbones.mace_cueq import _cueq_twin
 
     e3nn, cueq = pair
     moved = copy.deepcopy(e3nn.backbone)

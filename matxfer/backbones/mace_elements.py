@@ -69,10 +69,12 @@ def _copy_elements(twin: nn.Module, full: nn.Module, elements: Sequence[int]) ->
     """MACE's own restriction of `full` into `twin` (in place: it also copies non-parameter
     attributes such as avg_num_neighbors); returns the twin's parameters by name."""
     from mace.tools.finetuning_utils import load_foundations_elements
+    from mace.tools.scripts_utils import extract_config_mace_model
     from mace.tools.utils import AtomicNumberTable
 
+    max_l = extract_config_mace_model(full)["hidden_irreps"].lmax
     load_foundations_elements(twin, full, AtomicNumberTable(list(elements)),
-                              load_readout=True, max_L=0)
+                              load_readout=True, max_L=max_l)
     return {n: p.detach().clone() for n, p in twin.named_parameters()}
 
 
@@ -139,11 +141,6 @@ def _gather(source: str, local: torch.Tensor, scale: torch.Tensor, shape: torch.
     return Gather(source, None if rows else local, scale, shape, rows)
 
 
-def present_elements(species: torch.Tensor, z_table: Sequence[int]) -> list[int]:
-    """Atomic numbers occurring in `species` ([n_atoms] indices into z_table), sorted."""
-    return sorted(int(z_table[i]) for i in torch.unique(species).tolist())
-
-
 class _Features(nn.Module):
     """twin + feature function as one module, so torch.func.functional_call can swap in the
     gathered parameters."""
@@ -152,8 +149,8 @@ class _Features(nn.Module):
         super().__init__()
         self.twin, self.features = twin, features
 
-    def forward(self, batch: dict, columns: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.features(self.twin, batch, columns)
+    def forward(self, batch: dict) -> list[torch.Tensor]:
+        return self.features(self.twin, batch)
 
 
 class RestrictedBackbone:
@@ -161,7 +158,7 @@ class RestrictedBackbone:
     twin's parameters never reach optimizers, state dicts or DDP."""
 
     def __init__(self, full: nn.Module, elements: Sequence[int], features: Callable) -> None:
-        """features(backbone, batch, columns) -> per-layer node features (model.py's)."""
+        """features(backbone, batch) -> per-layer node features (backbones.mace's)."""
         self.elements = [int(z) for z in elements]
         twin, self.maps = gather_map(full, self.elements)
         for p in twin.parameters():
@@ -200,10 +197,9 @@ class RestrictedBackbone:
             out["twin." + name] = source.reshape(g.shape)
         return out
 
-    def layer_features(self, full: nn.Module, batch: dict,
-                       columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    def layer_features(self, full: nn.Module, batch: dict) -> list[torch.Tensor]:
         """The full backbone's features for a batch of the elements, computed on the twin."""
         from torch.func import functional_call
 
         batch = {**batch, "node_attrs": batch["node_attrs"][:, self.columns]}
-        return functional_call(self.module, self.parameters_from(full), (batch, columns))
+        return functional_call(self.module, self.parameters_from(full), (batch,))
