@@ -81,6 +81,13 @@ def foundation_record(cfg: ModelConfig) -> dict:
             "sha256": sha}
 
 
+def backbone_facts(model: PropertyModel, cfg: ModelConfig) -> dict:
+    """What a result records of its backbone: its source (portable), family and the number of
+    parameters the property model trains (the energy readout excluded)."""
+    return {"backbone": portable_source(cfg.source), "family": model.family.name,
+            "backbone_params": model.family.n_parameters(model.backbone)}
+
+
 def check_foundation(payload: dict, cfg: ModelConfig) -> None:
     """Refuse when the foundation weights here differ from those the checkpoint started from."""
     recorded = (payload.get("foundation") or {}).get("sha256")

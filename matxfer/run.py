@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from matxfer import __version__
-from matxfer.checkpoint import build_payload
+from matxfer.checkpoint import backbone_facts, build_payload
 from matxfer.config import RunConfig
 from matxfer.datasets.loading import data_files, fold_split
 from matxfer.errors import UserError
@@ -127,9 +127,9 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def result_record(cfg: RunConfig, data: FoldData, trained: TrainResult, test_score: float,
-                  seconds: float) -> dict:
+                  seconds: float, model: PropertyModel) -> dict:
     spec = data.spec
-    return {
+    return {**backbone_facts(model, cfg.model),
         "task": spec.name, "fold": cfg.data.fold, "unit": spec.unit, "init": cfg.model.init,
         "pooling": cfg.model.pooling, "l2sp": cfg.regularizers.l2sp,
         "bss": cfg.regularizers.bss, "bss_k": cfg.regularizers.bss_k,
@@ -200,7 +200,7 @@ def run_finetune(cfg: RunConfig, out: str | Path | None, overwrite: bool = False
     y_test, p_test = predict(model, data, "test", cfg.train.batch_size * 2, device,
                              loader_options(cfg.train, 2))
     test_score = score(data.spec, y_test, p_test)
-    record = result_record(cfg, data, trained, test_score, time.perf_counter() - start)
+    record = result_record(cfg, data, trained, test_score, time.perf_counter() - start, model)
     if out_dir:
         model.cpu()
         write_outputs(out_dir, {

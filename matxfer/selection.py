@@ -11,7 +11,7 @@ import ray
 import torch
 from ray import tune
 
-from matxfer.checkpoint import load_checkpoint
+from matxfer.checkpoint import backbone_facts, load_checkpoint
 from matxfer.config import StudyConfig
 from matxfer.datasets.loading import data_files
 from matxfer.distributed import CHECKPOINT_FILE
@@ -62,7 +62,8 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
         record = {
             "task": spec.name, "fold": fold, "variant": study.name, "unit": spec.unit,
             "fingerprint": ident.fingerprint,
-            "trial_id": best.metrics.get("trial_id"), "init": cfg.model.init,
+            "trial_id": best.metrics.get("trial_id"), **backbone_facts(model, cfg.model),
+            "init": cfg.model.init,
             "pooling": cfg.model.pooling,
             "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
             **cfg.strategy.model_dump(),

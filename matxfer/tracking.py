@@ -258,6 +258,8 @@ def log_fold_result(tracker: Tracker, parent_id: str, study: StudyConfig, fold: 
     record = outcome["record"]
     spec = study.run.data.spec
     tracker.log_params(parent_id, {f"best_{k}": record[k] for k in ("l2sp", "bss", "lr")})
+    tracker.log_params(parent_id, {k: record[k] for k in ("backbone", "backbone_params")
+                                   if k in record})
     tracker.call(tracker.client.set_tag, parent_id, "best_trial", str(record.get("trial_id")))
     metrics = {k: record[k] for k in (f"val_{spec.metric}", f"test_{spec.metric}", "best_epoch")}
     tracker.log_metrics(parent_id, metrics, step=0)

@@ -25,7 +25,8 @@ VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
 # strategies beyond the paper: a column each, shown when the experiment holds such runs
 STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze",
                     "zero-shot": "MP0 physics zero-shot", "phys-features": "MP0 + physics "
-                    "features", "phys-residual": "MP0 physics residual"}
+                    "features", "phys-residual": "MP0 physics residual",
+                    "chgnet": "CHGNet (L2-SP+BSS)", "chgnet-random": "CHGNet-RI"}
 CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
 METRICS = ("mae", "rocauc")  # regression, classification
 
@@ -63,10 +64,16 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
                          "fold": int(tags["fold"]), "test": metrics[metric],
                          "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                          "best_trial": tags.get("best_trial", ""),
-                         "subset": run.data.params.get("max_structures", "None") != "None"})
+                         "subset": run.data.params.get("max_structures", "None") != "None",
+                         "backbone": run.data.params.get("backbone", "small"),
+                         "backbone_params": _int(run.data.params.get("backbone_params"))})
     columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
-               "best_trial", "subset"]
+               "best_trial", "subset", "backbone", "backbone_params"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "", "None") else None
 
 
 def collect_results(results_dir: Path) -> pd.DataFrame:
@@ -93,7 +100,10 @@ def collect_results(results_dir: Path) -> pd.DataFrame:
                      "run_id": record.get("mlflow_run_id", ""), "experiment_id": "",
                      "best_trial": record.get("trial_id", ""),
                      "subset": record.get("max_structures") is not None,
-                     "study": str(path.parent.parent)})
+                     "study": str(path.parent.parent),
+                     # records from before backbones were recorded: MACE-MP-0 small
+                     "backbone": record.get("backbone", "small"),
+                     "backbone_params": record.get("backbone_params")})
     if not rows:
         raise UserError(f"--results {str(results_dir)!r} holds no "
                         f"<task>/<variant>/<fingerprint>/fold<k>/result.json")
@@ -113,7 +123,7 @@ def pick_studies(rows: pd.DataFrame) -> pd.DataFrame:
             print(f"report: {task} [{variant}]: showing {chosen}, not {other}")
         keep.append(group[group["study"] == chosen])
     columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
-               "best_trial", "subset"]
+               "best_trial", "subset", "backbone", "backbone_params"]
     return pd.concat(keep)[columns].reset_index(drop=True)
 
 
@@ -158,6 +168,23 @@ def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     if not any(t in MATBENCH_TOP or t in JMP_S for t in tasks):  # your own data only
         table = table.drop(columns=["Matbench #1", "JMP-S", "MP0 vs JMP-S"])
     return table
+
+
+def backbone_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task and variant: the backbone, its trained parameters, 'mean ± std (folds)' and
+    the per-fold test values (the comparison of foundation models on the same folds)."""
+    rows = []
+    for (task, variant), part in runs.groupby(["task", "variant"], sort=True):
+        part = part.sort_values("fold")
+        params = part["backbone_params"].dropna() if "backbone_params" in part else []
+        rows.append({"task": task, "variant": variant,
+                     "backbone": part["backbone"].iloc[0] if "backbone" in part else "-",
+                     "parameters": f"{int(params.iloc[0]):,}" if len(params) else "-",
+                     "test": _cell(part["test"], bool(part["subset"].any())),
+                     "per fold": " ".join(f"{k}:{v:.4g}" for k, v in zip(part["fold"],
+                                                                        part["test"]))})
+    return pd.DataFrame(rows, columns=["task", "variant", "backbone", "parameters", "test",
+                                       "per fold"])
 
 
 def best_child_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
@@ -228,6 +255,7 @@ def build_report(experiments: list[str] | None, tasks: list[str] | None,
     table = table1(runs, tasks)
     files: dict[str, object] = {
         "table1.md": to_markdown(table).encode(), "table1.csv": table, "runs.csv": runs,
+        "backbones.md": to_markdown(backbone_table(runs)).encode(),
         "figure1_fold_metrics.png": figures.fold_metrics(runs, "test metric")}
     if len(curves):  # from MLflow only
         files["figure1_training_loss.png"] = figures.curves_by_task(
