@@ -37,11 +37,8 @@ def _epoch(model, graphs, rows, opt, budget: dict, batch_size: int) -> float:
 
 def measure(task: str = "matbench_phonons", structures: int = 160, batch_size: int = 16,
             repeats: int = 2) -> dict:
-    model = build_model(ModelConfig())
-    bb = model.backbone
-    graphs = task_graphs(
-        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                         torch.float32, progress=False)
+    model = build_model(ModelConfig(dtype="float32"))
+    graphs = task_graphs(DataConfig(task=task), model.graph_spec(), progress=False)
     rows = list(range(structures))
     mean_edges = float(graphs.n_edges[rows].float().mean())
     modes = {"fixed": ({}, batch_size),

@@ -28,22 +28,22 @@ CHILD = """
 import json, resource, sys, time
 import torch
 from matxfer.config import DataConfig
-from matxfer.model import load_backbone
+from matxfer.model import graph_spec, load_backbone
 bb = load_backbone("small", "pretrained", 0, torch.float32)
 data = DataConfig(task="scale", cache_dir=sys.argv[2],
                   source={"path": sys.argv[1], "target": "last_phdos_peak", "id_key": "id"})
-z, cutoff = [int(x) for x in bb.atomic_numbers], float(bb.r_max)
+spec = graph_spec(bb)  # float32
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if sys.argv[3] == "streamed":
     from matxfer.graphs import task_graphs
-    n = len(task_graphs(data, z, cutoff, torch.float32, progress=False))
+    n = len(task_graphs(data, spec, progress=False))
 else:  # baseline: every structure in memory first, then the graphs
     from matxfer.datasets.loading import load_rows
     from matxfer.graphs import build_graph_set
     frame = load_rows(data).frame
     n = len(build_graph_set(list(frame.index), list(frame["structure"]),
-                            frame["target"].to_numpy(), z, cutoff, torch.float32, False))
+                            frame["target"].to_numpy(), spec, False))
 took = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from pathlib import Path

@@ -17,16 +17,12 @@ import time
 import torch
 
 from matxfer.config import DataConfig, ModelConfig
-from matxfer.elements import present_elements
-from matxfer.graphs import GraphSet, iterate_batches, task_graphs
+from matxfer.graphs import GraphSet, iterate_batches, present_elements, task_graphs
 from matxfer.model import PropertyModel, build_model
 
 
 def _graphs(task: str, model: PropertyModel) -> GraphSet:
-    bb = model.backbone
-    return task_graphs(
-        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                       next(bb.parameters()).dtype, progress=False)
+    return task_graphs(DataConfig(task=task), model.graph_spec(), progress=False)
 
 
 def _pair(task: str, dtype: str) -> tuple[PropertyModel, PropertyModel, GraphSet, float]:

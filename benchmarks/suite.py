@@ -43,10 +43,7 @@ def _model_and_graphs(task: str):
     from matxfer.model import build_model
 
     model = build_model(ModelConfig())
-    bb = model.backbone
-    graphs = task_graphs(
-        DataConfig(task=task), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                         next(bb.parameters()).dtype, progress=False)
+    graphs = task_graphs(DataConfig(task=task), model.graph_spec(), progress=False)
     return model, graphs
 
 
@@ -88,14 +85,14 @@ def graph_cache(task: str, structures: int) -> dict:
     """Building graphs (neighbour lists) vs loading the cached GraphSet of the same rows."""
     from matxfer.datasets.matbench import load_task
     from matxfer.graphs import build_graph_set, load_graph_set, save_graph_set
-    from matxfer.model import load_backbone
+    from matxfer.model import graph_spec, load_backbone
 
     bb = load_backbone("small", "pretrained", 0, torch.float32)
     df = load_task(task).iloc[:structures]
-    z_table, cutoff = [int(z) for z in bb.atomic_numbers], float(bb.r_max)
+    spec = graph_spec(bb)  # float32
     start = time.perf_counter()
     graphs = build_graph_set(list(df.index), list(df["structure"]), df["target"].to_numpy(),
-                             z_table, cutoff, torch.float32, progress=False)
+                             spec, progress=False)
     build_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "g.pt"
@@ -166,10 +163,7 @@ from matxfer.config import DataConfig, ModelConfig
 from matxfer.graphs import iterate_batches, task_graphs
 from matxfer.model import build_model
 model = build_model(ModelConfig())
-bb = model.backbone
-graphs = task_graphs(
-        DataConfig(task='matbench_jdft2d'), [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-                     next(bb.parameters()).dtype, progress=False)
+graphs = task_graphs(DataConfig(task='matbench_jdft2d'), model.graph_spec(), progress=False)
 opt = torch.optim.AdamW(model.parameters(), 1e-4)
 times = []
 for batch in iterate_batches(graphs, range(16 * int(sys.argv[2])), 16, shuffle=True, seed=1):

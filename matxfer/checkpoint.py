@@ -77,8 +77,11 @@ def foundation_record(cfg: ModelConfig) -> dict:
         path = weights_file(cfg.source).resolve()
         stat = path.stat()
         sha = _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-    return {"init": cfg.init, "source": portable_source(cfg.source), "seed": cfg.init_seed,
-            "sha256": sha}
+    record = {"init": cfg.init, "source": portable_source(cfg.source), "seed": cfg.init_seed,
+              "sha256": sha}
+    if Path(cfg.source).is_file():  # a model file: where it was (the name alone is portable)
+        record["path"] = str(Path(cfg.source).resolve())
+    return record
 
 
 def backbone_facts(model: PropertyModel, cfg: ModelConfig) -> dict:
@@ -194,6 +197,9 @@ def config_from_payload(payload: dict, local: DataConfig | None = None) -> RunCo
     tree["model"]["kernels"] = "e3nn"  # e3nn weights whatever kernels trained them
     for key in PATH_KEYS:
         tree["data"][key] = getattr(local, key) if local is not None else None
+    recorded = (payload.get("foundation") or {}).get("path")
+    if recorded and not Path(tree["model"]["source"]).exists() and Path(recorded).is_file():
+        tree["model"]["source"] = recorded  # the model file where training found it
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -153,12 +153,14 @@ def graphs_from_rows(
     are kept, never the structures. With `skip_bad`, a structure the model cannot take (an
     unknown element) is left out and listed in `skipped`."""
     parts, ids, targets, skipped = [], [], [], []
-    for mbid, structure, target in tqdm(rows, unit="struct", desc="building graphs",
-                                        total=total, disable=not progress):
+    bar = tqdm(rows, unit="struct", desc="building graphs", total=total, disable=not progress)
+    for mbid, structure, target in bar:
         try:
             parts.append(spec.graph(structure, mbid))
         except UserError as err:
             if not skip_bad:
+                bar.leave = False  # the error is the one line left on the terminal
+                bar.close()
                 raise
             skipped.append((str(mbid), str(err).split(": ", 1)[-1]))
             continue

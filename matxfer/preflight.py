@@ -83,6 +83,15 @@ def model_facts(source: str, dtype: str = "float32") -> ModelFacts:
                       family_of_net(backbone).name)
 
 
+@lru_cache(maxsize=4)
+def restriction_check(source: str) -> str | None:
+    """Why model.restrict_elements cannot run on this MACE model, or None."""
+    from matxfer.backbones.mace_elements import restriction_problem
+    from matxfer.model import load_backbone
+
+    return restriction_problem(load_backbone(source, dtype=torch.float64), source)
+
+
 @lru_cache(maxsize=1)
 def download_reachable(url: str, timeout: float = 5.0) -> str | None:
     """None when the host of `url` accepts a TCP connection, else the reason."""
@@ -140,6 +149,8 @@ def preflight_run(cfg: RunConfig) -> ModelFacts:
     if facts is not None and cfg.strategy.freeze_blocks > facts.n_blocks:
         problems.append(f"strategy.freeze_blocks {cfg.strategy.freeze_blocks} exceeds the "
                         f"backbone's {facts.n_blocks} blocks; allowed: 0-{facts.n_blocks}")
+    if facts is not None and cfg.model.restrict_elements:
+        problems += [p for p in [restriction_check(cfg.model.source)] if p]
     if problems:
         raise UserError("; ".join(problems))
     return facts
@@ -204,6 +215,8 @@ def check_model(plan: Plan) -> str:
         plan.problems.append(str(err))
         return "missing"
     plan.model = facts
+    if cfg.restrict_elements:
+        plan.problems += [p for p in [restriction_check(cfg.source)] if p]
     plan.add("model", f"{cfg.source} ({facts.path.name}, sha256 {facts.sha256[:12]}, "
              f"{facts.n_params:,} parameters), init {cfg.init}, pooling {cfg.pooling}")
     for k in [plan.study.run.strategy.freeze_blocks, *(plan.study.search.freeze_blocks or [])]:

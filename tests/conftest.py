@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -44,10 +45,21 @@ def backbone():
 def jdft2d_graphs(backbone, graph_cache_dir):
     from matxfer.config import DataConfig
     from matxfer.graphs import task_graphs
+    from matxfer.model import graph_spec
 
-    return task_graphs(
-        DataConfig(task="matbench_jdft2d"), [int(z) for z in backbone.atomic_numbers],
-                       float(backbone.r_max), torch.float32, progress=False)
+    spec = dataclasses.replace(graph_spec(backbone), dtype=torch.float32)
+    return task_graphs(DataConfig(task="matbench_jdft2d"), spec, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mace_files(tmp_path_factory):
+    """{lmax: path} of 3-interaction MACE models with L = 1 and L = 2 hidden irreps, built
+    with mace's own constructors (random weights; requested by tests/backbones, whose folder
+    is then importable)."""
+    from mace_files import build_mace_file
+
+    folder = tmp_path_factory.mktemp("mace-files")
+    return {lmax: build_mace_file(folder / f"mace-L{lmax}.model", lmax) for lmax in (1, 2)}
 
 
 @pytest.fixture(scope="module")

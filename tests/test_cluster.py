@@ -51,7 +51,7 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
     from mlflow import MlflowClient
 
     from matxfer.datasets.matbench import default_data_dir
-    from matxfer.model import resolve_model_path
+    from matxfer.model import weights_file
 
     base = free_port_block()
     state = Path(tempfile.mkdtemp(prefix="mx-", dir="/tmp"))  # Ray's socket paths stay short
@@ -69,7 +69,7 @@ def test_two_node_cluster_runs_the_quickstart_job_and_refuses_strangers(tmp_path
         client_env = {**env, "RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": "token",
                       "RAY_AUTH_TOKEN_PATH": str(state / "token"), "MLFLOW_TRACKING_URI": uri,
                       "MATMINER_DATA": str(default_data_dir()),
-                      "MATXFER_MODEL": str(resolve_model_path("small")),
+                      "MATXFER_MODEL": str(weights_file("small")),
                       "MATXFER_CACHE": os.environ["MATXFER_CACHE"], "JOB_PYTHON": sys.executable}
         job = subprocess.run(
             ["bash", str(ROOT / "cluster" / "submit.sh"), "tune_configs/quickstart.yaml",

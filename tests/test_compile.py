@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
+from matxfer.backbones.mace import compile_ready
 from matxfer.config import load_config
 from matxfer.errors import UserError
 from matxfer.graphs import collate
-from matxfer.model import PropertyModel, compile_ready
+from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
 from matxfer.train import fit
 

@@ -11,10 +11,9 @@ BUILD = """
 import sys, torch
 from matxfer.config import DataConfig
 from matxfer.graphs import task_graphs
-from matxfer.model import load_backbone
+from matxfer.model import graph_spec, load_backbone
 bb = load_backbone("small", "pretrained", 0, torch.float32)
-g = task_graphs(DataConfig(task="matbench_jdft2d", cache_dir=sys.argv[1]),
-                [int(z) for z in bb.atomic_numbers], float(bb.r_max), torch.float32,
+g = task_graphs(DataConfig(task="matbench_jdft2d", cache_dir=sys.argv[1]), graph_spec(bb),
                 progress=False)
 print(len(g))
 """
@@ -83,10 +82,10 @@ def test_fault_corrupted_graph_cache_is_detected_and_rebuilt(tmp_path, jdft2d_gr
     import torch
 
     from matxfer.config import DataConfig
-    from matxfer.graphs import task_graphs
+    from matxfer.graphs import GraphSpec, task_graphs
 
     args = (DataConfig(task="matbench_jdft2d", cache_dir=str(tmp_path)),
-            list(jdft2d_graphs.z_table), 6.0, torch.float32)
+            GraphSpec(tuple(jdft2d_graphs.z_table), 6.0, torch.float32))
     task_graphs(*args, progress=False)
     (cache,) = tmp_path.glob("*.pt")
     damage(cache, "one flipped bit")

@@ -9,6 +9,7 @@ from matxfer.config import DataConfig
 from matxfer.errors import UserError
 from matxfer.graphs import (
     GraphSet,
+    GraphSpec,
     batch_rows,
     build_graph_set,
     collate,
@@ -43,8 +44,8 @@ def test_graph_edges_are_the_neighbours_within_the_cutoff():
 
 
 def test_collate_offsets_edges_per_structure():
-    gs = build_graph_set(["a", "b"], [cscl(), cscl()], np.array([1.0, 2.0]), [17, 55], 2.9,
-                         torch.float64, progress=False)
+    gs = build_graph_set(["a", "b"], [cscl(), cscl()], np.array([1.0, 2.0]),
+                         GraphSpec((17, 55), 2.9, torch.float64), progress=False)
     batch = collate(gs, [1, 0])
     assert batch["node_attrs"].shape == (4, 2)
     assert batch["ptr"].tolist() == [0, 2, 4]
@@ -67,8 +68,8 @@ def jdft2d_in(cache_dir) -> DataConfig:
 
 
 def test_cache_is_built_once_and_reused(tmp_path, backbone, monkeypatch):
-    z = [int(x) for x in backbone.atomic_numbers]
-    first = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
+    z = tuple(int(x) for x in backbone.atomic_numbers)
+    first = task_graphs(jdft2d_in(tmp_path), GraphSpec(z, 6.0, torch.float32), progress=False)
     files = list(tmp_path.glob("matbench_jdft2d-*.pt"))
     assert len(files) == 1
 
@@ -76,11 +77,11 @@ def test_cache_is_built_once_and_reused(tmp_path, backbone, monkeypatch):
         raise AssertionError("a cached task must not be loaded again")
 
     monkeypatch.setattr("matxfer.datasets.matbench.load_task", no_loading)
-    second = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
+    second = task_graphs(jdft2d_in(tmp_path), GraphSpec(z, 6.0, torch.float32), progress=False)
     assert torch.equal(first.positions, second.positions)
     # another dtype or cutoff is another cache entry
     with pytest.raises(AssertionError, match="must not be loaded"):
-        task_graphs(jdft2d_in(tmp_path), z, 5.0, torch.float32, progress=False)
+        task_graphs(jdft2d_in(tmp_path), GraphSpec(z, 5.0, torch.float32), progress=False)
 
 
 def test_a_killed_write_leaves_no_cache_file(tmp_path, jdft2d_graphs, monkeypatch):
@@ -94,11 +95,11 @@ def test_a_killed_write_leaves_no_cache_file(tmp_path, jdft2d_graphs, monkeypatc
 
 
 def test_a_corrupt_cache_is_rebuilt(tmp_path, backbone):
-    z = [int(x) for x in backbone.atomic_numbers]
-    task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
+    spec = GraphSpec(tuple(int(x) for x in backbone.atomic_numbers), 6.0, torch.float32)
+    task_graphs(jdft2d_in(tmp_path), spec, progress=False)
     path = next(tmp_path.glob("*.pt"))
     path.write_bytes(path.read_bytes()[:1000])  # truncated
-    graphs = task_graphs(jdft2d_in(tmp_path), z, 6.0, torch.float32, progress=False)
+    graphs = task_graphs(jdft2d_in(tmp_path), spec, progress=False)
     assert len(graphs) == 636
 
 
@@ -156,9 +157,10 @@ def test_a_worker_reads_the_cache_its_driver_verified_without_hashing_anything(
     from matxfer import storage
     from matxfer.datasets import matbench
     from matxfer.graphs import cache_file
+    from matxfer.model import graph_spec
 
-    args = (DataConfig(task="matbench_jdft2d"), [int(z) for z in backbone.atomic_numbers],
-            float(backbone.r_max), torch.float32)
+    args = (DataConfig(task="matbench_jdft2d"),
+            dataclasses.replace(graph_spec(backbone), dtype=torch.float32))
     path = cache_file(*args)
     verified = (str(path), storage.recorded_sha256(path))
     hashed = []

@@ -23,12 +23,13 @@ def test_layer_features_equal_mace_node_feats(backbone, float64_default):
     from mace.tools.torch_geometric.dataloader import DataLoader
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from matxfer.graphs import build_graph_set
+    from matxfer.graphs import GraphSpec, build_graph_set
 
     df = load_task("matbench_jdft2d").iloc[:3]
     z = [int(x) for x in backbone.atomic_numbers]
-    gs = build_graph_set(list(df.index), list(df.structure), df.target.to_numpy(), z,
-                         float(backbone.r_max), torch.float64, progress=False)
+    spec = GraphSpec(tuple(z), float(backbone.r_max), torch.float64)
+    gs = build_graph_set(list(df.index), list(df.structure), df.target.to_numpy(), spec,
+                         progress=False)
     ours = torch.cat(PropertyModel(backbone).layer_features(collate(gs, [0, 1, 2])), dim=-1)
     data = [AtomicData.from_config(config_from_atoms(AseAtomsAdaptor.get_atoms(s)),
                                    z_table=AtomicNumberTable(z), cutoff=float(backbone.r_max))
@@ -54,7 +55,8 @@ def test_random_twin_has_identical_architecture_and_new_weights(backbone):
 def test_missing_model_file_is_a_user_error():
     from matxfer.errors import UserError
 
-    with pytest.raises(UserError, match="model file 'nope.model' does not exist"):
+    with pytest.raises(UserError, match="model.source 'nope.model' is neither a model file "
+                                        "nor a known name; allowed names: small, "):
         load_backbone("nope.model")
 
 

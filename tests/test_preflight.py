@@ -14,7 +14,7 @@ from matxfer.config import VARIANTS, load_config, load_study_config
 from matxfer.datasets.matbench import local_data_file
 from matxfer.errors import UserError
 from matxfer.identity import claim_folder, fingerprint, study_settings
-from matxfer.model import resolve_model_path
+from matxfer.model import weights_file
 from matxfer.preflight import download_reachable, matminer_url, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def expected_problems(path: Path, cpu: bool) -> list[str]:
     elif local_data_file(task) is None and download_reachable(matminer_url(task)):
         problems.append(f"data for {task} is not on this machine")
     try:
-        resolve_model_path(study.run.model.source)
+        weights_file(study.run.model.source)
     except UserError:
         problems.append("cannot find or download MACE-MP-0")
     if study.scaling.use_gpu and not cpu and not torch.cuda.is_available():

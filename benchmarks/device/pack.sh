@@ -21,21 +21,18 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   matbench==0.6 cuequivariance==0.13.0 cuequivariance-torch==0.13.0 orjson==3.13.0 \
   pytz==2026.6
-MODEL=$($BIN/python -c "from matxfer.model import resolve_model_path; print(resolve_model_path('small'))")
+MODEL=$($BIN/python -c "from matxfer.model import weights_file; print(weights_file('small'))")
 gzip -c "$MODEL" > ".device/$(basename "$MODEL").gz"
 DATA=$($BIN/python -c "from matxfer.datasets.matbench import local_data_file; print(local_data_file('matbench_phonons'))")
 cp "$DATA" .device/data/
 for dtype in float32 float64; do  # the caches speed_paths.py reads (built here if missing)
   path=$($BIN/python - "$dtype" <<'PY'
 import sys
-import torch
 from matxfer.config import load_config
 from matxfer.graphs import task_graphs
 from matxfer.model import build_model
 cfg = load_config(overrides={"data.task": "matbench_phonons", "model.dtype": sys.argv[1]})
-bb = build_model(cfg.model).backbone
-args = (cfg.data, [int(z) for z in bb.atomic_numbers], float(bb.r_max),
-        getattr(torch, sys.argv[1]))
+args = (cfg.data, build_model(cfg.model).graph_spec())  # the backbone's dtype: sys.argv[1]
 task_graphs(*args, progress=False)
 from matxfer.graphs import cache_file
 print(cache_file(*args))

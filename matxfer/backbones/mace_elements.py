@@ -203,3 +203,14 @@ class RestrictedBackbone:
 
         batch = {**batch, "node_attrs": batch["node_attrs"][:, self.columns]}
         return functional_call(self.module, self.parameters_from(full), (batch,))
+
+
+def restriction_problem(full: nn.Module, source: str) -> str | None:
+    """Why `full` cannot be restricted to fewer elements (MACE's own element copy fails for
+    it, e.g. residual interactions with L > 0 in mace 0.3.16), or None when it can."""
+    try:
+        gather_map(full, [int(z) for z in full.atomic_numbers[:2]])
+    except (RuntimeError, ValueError, IndexError) as err:
+        return (f"model.restrict_elements is not supported for model.source {source!r} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); set it false")
+    return None

@@ -70,9 +70,10 @@ def test_random_twin_has_the_architecture_and_new_weights(chgnet):
     again = load_backbone("chgnet", "random", seed=3)
     pre, rnd = dict(chgnet.named_parameters()), dict(twin.named_parameters())
     assert {n: p.shape for n, p in pre.items()} == {n: p.shape for n, p in rnd.items()}
-    assert not torch.equal(pre["atom_embedding.weight"], rnd["atom_embedding.weight"])
-    assert torch.equal(rnd["atom_embedding.weight"], dict(again.named_parameters())[
-        "atom_embedding.weight"])
+    assert not torch.equal(pre["atom_embedding.embedding.weight"],
+                           rnd["atom_embedding.embedding.weight"])
+    assert torch.equal(rnd["atom_embedding.embedding.weight"],
+                       dict(again.named_parameters())["atom_embedding.embedding.weight"])
 
 
 def test_graph_cache_round_trip_keeps_the_extras(chgnet_graphs, tmp_path):

@@ -13,7 +13,7 @@ from matxfer.config import DataConfig, SourceConfig
 from matxfer.datasets.loading import load_rows, source_id
 from matxfer.datasets.sources import load_source, source_format
 from matxfer.errors import UserError
-from matxfer.graphs import build_graph_set, structure_arrays
+from matxfer.graphs import GraphSpec, build_graph_set, structure_arrays
 
 FORMATS = ["extxyz", "ase-db", "csv", "parquet", "dataframe-json"]
 
@@ -53,8 +53,8 @@ def test_a_molecule_keeps_no_periodic_images(tmp_path):
     write(path, [crystals()[0], molecule()], format="extxyz")
     frame = load_rows(DataConfig(task="mixed", source=source(path))).frame
     graphs = build_graph_set(list(frame.index), list(frame["structure"]),
-                             frame["target"].to_numpy(), [1, 8, 11, 17], 5.0, torch.float64,
-                             progress=False)
+                             frame["target"].to_numpy(),
+                             GraphSpec((1, 8, 11, 17), 5.0, torch.float64), progress=False)
     water = graphs.index["water"]
     edges = slice(int(graphs.edge_start[water]), int(graphs.edge_start[water + 1]))
     assert int(graphs.n_edges[water]) == 6  # 3 atoms, every ordered pair, no images
@@ -125,10 +125,11 @@ def test_an_empty_file_and_a_missing_column_are_one_line_errors(dataset_files, t
 def test_an_element_outside_the_model_is_named_or_skipped():
     images = crystals()[:3]
     with pytest.raises(UserError, match="structure NaCl-0: element Na is not among"):
-        build_graph_set(["NaCl-0"], images[:1], np.ones(1), [17], 5.0, torch.float64,
+        build_graph_set(["NaCl-0"], images[:1], np.ones(1), GraphSpec((17,), 5.0, torch.float64),
                         progress=False)
     graphs = build_graph_set(["NaCl-0", "x"], [images[0], molecule()], np.ones(2),
-                             [1, 8], 5.0, torch.float64, progress=False, skip_bad=True)
+                             GraphSpec((1, 8), 5.0, torch.float64), progress=False,
+                             skip_bad=True)
     assert graphs.ids == ["x"] and graphs.skipped[0][0] == "NaCl-0"
 
 

@@ -12,7 +12,7 @@ from matxfer.config import DataConfig, SplitConfig
 from matxfer.datasets.loading import fold_split
 from matxfer.datasets.splits import chemsys_keys, composition_keys, outer_folds
 from matxfer.errors import UserError
-from matxfer.graphs import build_graph_set
+from matxfer.graphs import GraphSpec, build_graph_set
 
 Z = [3, 8, 9, 11, 12, 17, 19, 20, 35]
 
@@ -21,8 +21,8 @@ Z = [3, 8, 9, 11, 12, 17, 19, 20, 35]
 def graphs():
     images = crystals()
     return build_graph_set([a.info["id"] for a in images], images,
-                           np.array([a.info["y"] for a in images]), Z, 5.0, torch.float64,
-                           progress=False)
+                           np.array([a.info["y"] for a in images]),
+                           GraphSpec(tuple(Z), 5.0, torch.float64), progress=False)
 
 
 def test_composition_and_chemsys_keys_by_hand():
