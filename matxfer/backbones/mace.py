@@ -184,7 +184,12 @@ def compile_ready(net: nn.Module) -> nn.Module:
         twin = prepare(type(net))(**extract_config_mace_model(net))
     finally:
         torch.set_default_dtype(previous)
-    twin.load_state_dict(net.state_dict())
+    missing, unexpected = twin.load_state_dict(net.state_dict(), strict=False)
+    # newer mace marks zeroed symmetric-contraction weights with buffers the traceable build
+    # does not register; its forward does not read them
+    odd = [k for k in missing + unexpected if not k.endswith("_zeroed")]
+    if odd:
+        raise ValueError(f"the compile-ready MACE does not fit the model's weights: {odd[:3]}")
     for mine, theirs in zip(twin.parameters(), net.parameters()):
         mine.requires_grad_(theirs.requires_grad)
     return twin.to(dtype)

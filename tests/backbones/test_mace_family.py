@@ -163,3 +163,24 @@ def test_a_file_that_is_not_a_mace_model_is_refused(tmp_path, capsys):
     code = main(["train", "--model", str(bogus), "--epochs", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "does not hold a MACE model" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("path", ["compile", "cueq"])
+def test_compile_ready_and_cueq_paths_of_an_L1_mace_give_the_same_features(mace_files, path):
+    """The traceable rebuild (train.compile) and the cuequivariance path (model.kernels) of a
+    model with L = 1 compute what MACE's own e3nn forward computes."""
+    from matxfer.backbones.mace import compile_ready, mace_features
+
+    model = build_model(ModelConfig(source=str(mace_files[1]), dtype="float64"))
+    ids, structures, y = jdft2d_rows(3)
+    batch = collate(build_graph_set(ids, structures, y, model.graph_spec(), progress=False),
+                    range(3))
+    with torch.no_grad():
+        expected = mace_features(model.backbone, batch)
+        if path == "compile":
+            got = mace_features(compile_ready(model.backbone), batch)
+        else:
+            model.use_cueq_kernels()
+            got = model.layer_features(batch)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-9)
