@@ -123,7 +123,8 @@ def add_analysis_parsers(sub) -> None:
     mi.add_argument("--tasks", nargs="+", default=[], help="Matbench tasks")
     mi.add_argument("--data", nargs="+", default=[], metavar="CONFIG",
                     help="your own data: study or run YAMLs with a data.source section")
-    mi.add_argument("--model", default="small", help="MACE model: 'small' or a file")
+    mi.add_argument("--model", default="small", help="model.source: 'small', a mace name or "
+                    "file, or chgnet[-<version>]")
     mi.add_argument("--pooling", default="mean", choices=["mean", "sum", "max", "mean+max"])
     mi.add_argument("--bins", type=int, default=10, help="quantile bins of regression targets")
     mi.add_argument("--eps2", type=float, default=1e-4, help="distortion ε²")

@@ -36,6 +36,9 @@ README_COMMANDS = {
     ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml": HERE,
     ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml --cpu --folds 0": HERE,
     ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml --variant random-init": HERE,
+    ".venv/bin/matxfer train --task matbench_jdft2d --model chgnet --out runs/train/chgnet":
+        HERE,
+    ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml --variant chgnet": HERE,
     ".venv/bin/matxfer train --config tune_configs/quickstart_train.yaml "
     "--out runs/train/quickstart": HERE,
     "export RAY_ADDRESS=http://127.0.0.1:8265": "environment for the next command",
@@ -202,6 +205,12 @@ def test_readme_studies_never_reuse_another_studys_results(studied, workspace):
     assert "[random-init]" in ri.stdout
     (folder,) = study_folders(workspace, "random-init")
     assert json.loads((folder / "fold0/result.json").read_text())["init"] == "random"
+    chg = run(workspace, ".venv/bin/matxfer tune tune_configs/matbench_jdft2d.yaml --variant "
+                         f"chgnet{MACHINE} --folds 0 {SIZE}")
+    assert "[chgnet]" in chg.stdout and "chgnet (chgnet_0.3.0" in chg.stdout
+    (folder,) = study_folders(workspace, "chgnet")
+    record = json.loads((folder / "fold0/result.json").read_text())
+    assert record["backbone"] == "chgnet" and record["backbone_params"] == 399_693
 
 
 @pytest.mark.slow
@@ -246,6 +255,9 @@ def test_readme_train_command(workspace):
                          "--out runs/train/quickstart --epochs 1 --max-structures 24")
     assert json.loads(out.stdout[out.stdout.index("{"):])["test_mae"] > 0
     assert (workspace / "runs/train/quickstart/checkpoint.pt").is_file()
+    chg = run(workspace, ".venv/bin/matxfer train --task matbench_jdft2d --model chgnet "
+                         "--out runs/train/chgnet --epochs 1 --max-structures 24")
+    assert json.loads(chg.stdout[chg.stdout.index("{"):])["family"] == "chgnet"
 
 
 @pytest.mark.slow
