@@ -17,6 +17,7 @@ from matxfer.backbones.names import chgnet_version, family_of, unsupported
 from matxfer.errors import UserError
 from matxfer.physics.config import PhysicsConfig, PhysicsMode
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
+from matxfer.variants import VARIANTS
 
 Pooling = Literal["mean", "sum", "max", "mean+max"]
 Init = Literal["pretrained", "random"]
@@ -423,38 +424,12 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _physics_searchable(self) -> StudyConfig:
         physics = self.run.model.physics
+        if self.search.physics and family_of(self.run.model.source) != "mace":
+            raise ValueError(unsupported(self.run.model.source, ["model.physics"]))
         if self.search.physics and (physics is None or not physics.descriptors):
             raise ValueError("search.physics needs run.model.physics.descriptors; allowed: "
                              "names from matxfer.physics.config.DESCRIPTORS")
         return self
-
-
-# Ready-made comparison variants: the paper's baselines are config changes, not code.
-_PLAIN = {"search.l2sp": None, "search.bss": None,
-          "run.regularizers.l2sp": 0.0, "run.regularizers.bss": 0.0}
-_CHGNET = {"run.model.source": "chgnet", "run.model.kernels": "e3nn", "run.model.dtype": "float32",
-           "run.model.restrict_elements": False, "run.model.physics.mode": "off",
-           "run.train.compile": "off", "search.physics": None}
-VARIANTS: dict[str, dict[str, Any]] = {
-    "main": {},  # L2-SP + BSS searched
-    "no-reg": {"name": "no-reg", **_PLAIN},  # plain full fine-tuning
-    "random-init": {"name": "random-init", "run.model.init": "random", **_PLAIN},
-    "lp-ft": {"name": "lp-ft", **_PLAIN, "run.strategy.lp_epochs": 20},
-    "llrd": {"name": "llrd", **_PLAIN,
-             "search.lr_decay": {"low": 0.2, "high": 1.0, "allow_off": False}},
-    "freeze": {"name": "freeze", **_PLAIN, "search.freeze_blocks": [1, 2]},
-    # plain fine-tuning, the readout pooling picked by validation (a per-task pilot)
-    "pooling": {"name": "pooling", **_PLAIN, "search.pooling": ["mean", "max"]},
-    # physics of the pretrained potential (run.model.physics.descriptors from the config):
-    # its calibrated descriptors alone, as head features, or as the baseline of a residual
-    "zero-shot": {"name": "zero-shot", **_PLAIN, "run.model.physics.mode": "zero-shot"},
-    "phys-features": {"name": "phys-features", **_PLAIN, "run.model.physics.mode": "features"},
-    "phys-residual": {"name": "phys-residual", **_PLAIN, "run.model.physics.mode": "residual"},
-    # the second backbone family (matxfer.backbones.chgnet), pretrained and its random twin;
-    # options only MACE has are set to what CHGNet runs with
-    "chgnet": {"name": "chgnet", **_CHGNET},
-    "chgnet-random": {"name": "chgnet-random", **_CHGNET, "run.model.init": "random", **_PLAIN},
-}
 
 
 def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
