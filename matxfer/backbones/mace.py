@@ -12,27 +12,15 @@ import contextlib
 import io
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from matxfer.backbones.base import Family
+from matxfer.backbones.mace_arch import remember
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSpec
-
-
-def _import_mace_quietly() -> None:
-    """Import mace before e3nn (it sets up torch>=2.6 unpickling of MACE models), without the
-    banner it prints when the optional cuequivariance kernels are absent."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import mace.modules  # noqa: F401
-        import mace.tools.scripts_utils  # noqa: F401
-
-
-_import_mace_quietly()
 
 SMALL_FILE = "2023-12-10-mace-128-L0_energy_epoch-249.model"
 SHARED_MODELS = Path("shared") / "models"
@@ -142,7 +130,10 @@ class MaceFamily(Family):
         for name, p in net.named_parameters():  # the energy head gets no gradient from ours
             if self.block_index(name) is None:
                 p.requires_grad_(False)
-        return net.to(dtype)
+        net = net.to(dtype)
+        if init == "pretrained":
+            remember(net)
+        return net
 
     def graph_spec(self, net: nn.Module) -> GraphSpec:
         return GraphSpec(tuple(int(z) for z in net.atomic_numbers), float(net.r_max),
