@@ -303,6 +303,23 @@ def make_tracker(study: StudyConfig) -> Tracker | None:
                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
 
 
+def open_tracker(study: StudyConfig) -> Callable[[], Tracker | None]:
+    """`make_tracker`, started now; call the result for the tracker. A tracking server is
+    checked and opened here, so a refusal stops the study before Ray starts; a local SQLite
+    store (whose schema check takes seconds) is opened in a thread while the caller starts
+    Ray, its errors raised when the result is called."""
+    if not study.tracking.enabled or not resolve_tracking_uri(
+            study.tracking.uri).startswith("sqlite:"):
+        tracker = make_tracker(study)
+        return lambda: tracker
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matxfer-mlflow")
+    future = pool.submit(make_tracker, study)
+    pool.shutdown(wait=False)
+    return future.result
+
+
 def log_summary(tracker: Tracker, out: Path, run_names: list[str]) -> None:
     """The study's summary (and Matbench record, when complete) in folder `out`, logged on
     every fold's parent run."""

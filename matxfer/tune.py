@@ -42,14 +42,17 @@ from matxfer.tracking import (
     complete_fold_result,
     log_fold_result,
     log_summary,
-    make_tracker,
     open_parent_run,
+    open_tracker,
 )
 from matxfer.trial_logger import TrialLogger
 
 # A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
 # machine; a local instance's processes inherit this (a cluster keeps its own settings).
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
+# A local instance's workers import the training path as they start (Ray prestarts them
+# while the driver prepares the study), so the first trial does not wait for the imports.
+WARM_WORKERS = {"worker_process_setup_hook": "matxfer.warm.import_trial_modules"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -64,7 +67,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV), quiet_ray_output():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     log_to_driver=False)
+                     log_to_driver=False, runtime_env=WARM_WORKERS)
 
 
 @contextlib.contextmanager
@@ -260,9 +263,10 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     print("\n".join(plan.lines), flush=True)
     plan.raise_problems()
     cache = build_graph_cache(study, plan)  # bad data stops here: nothing written yet
-    tracker = make_tracker(study)  # an unreachable server fails here, before Ray starts
+    opening = open_tracker(study)  # an unreachable server fails here, before Ray starts
     claim_folder(plan.ident)
     init_ray(address)
+    tracker = opening()  # a SQLite store was opened meanwhile
     records = [run_fold(study, plan.ident, fold, tracker, cache) for fold in study.folds]
     table = summarize(study, plan.ident.folder, records)
     if tracker:
