@@ -50,9 +50,6 @@ from matxfer.trial_logger import TrialLogger
 # A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
 # machine; a local instance's processes inherit this (a cluster keeps its own settings).
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
-# A local instance's workers import the training path as they start (Ray prestarts them
-# while the driver prepares the study), so the first trial does not wait for the imports.
-WARM_WORKERS = {"worker_process_setup_hook": "matxfer.warm.import_trial_modules"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -67,7 +64,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV), quiet_ray_output():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     log_to_driver=False, runtime_env=WARM_WORKERS)
+                     log_to_driver=False)
 
 
 @contextlib.contextmanager
