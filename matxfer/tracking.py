@@ -69,15 +69,21 @@ def git_commit() -> str:
         return "unknown"
 
 
-def reproducibility_tags(task: str, model_path: Path, data_source: str) -> dict[str, str]:
-    import mace
-    import ray
-    import torch
+def package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def reproducibility_tags(task: str, model_path: Path, data_source: str) -> dict[str, str]:
     return {"git_commit": git_commit(), "matxfer_version": __version__,
             "data_sha256": data_source, "model_sha256": file_sha256(str(model_path)),
-            "ray_version": ray.__version__, "torch_version": torch.__version__,
-            "mace_version": getattr(mace, "__version__", "unknown"), "task": task}
+            "ray_version": package_version("ray"), "torch_version": package_version("torch"),
+            "mace_version": package_version("mace-torch"),
+            "chgnet_version": package_version("chgnet"), "task": task}
 
 
 def learning_curve_png(history: pd.DataFrame, path: Path, metric: str) -> Path:

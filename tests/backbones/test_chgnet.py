@@ -145,3 +145,27 @@ def test_an_option_chgnet_lacks_is_one_line_exit_2(extra, needle, tmp_path, caps
 def test_build_model_of_chgnet_has_a_head_on_four_layers():
     model = build_model(ModelConfig(source="chgnet", head_hidden=[16]))
     assert model.head[0].in_features == 4 * 64 and model.family.name == "chgnet"
+
+
+def test_freezing_and_layerwise_lr_follow_chgnets_blocks():
+    """strategies.py sees CHGNet's five blocks: freezing the first two freezes the embedding
+    and the first convolution (atom, bond and angle layers), LR decay gives each block its
+    depth's rate, and L2-SP anchors exactly the trainable backbone parameters."""
+    from matxfer.config import load_config
+    from matxfer.strategies import freeze_blocks, n_blocks, param_groups
+
+    model = build_model(ModelConfig(source="chgnet", head_hidden=[16]))
+    assert n_blocks(model) == 5
+    frozen = freeze_blocks(model, 2)
+    assert any(n.startswith("backbone.atom_embedding.") for n in frozen)
+    assert any(n.startswith("backbone.bond_conv_layers.0.") for n in frozen)
+    assert not any(n.startswith("backbone.atom_conv_layers.1.") for n in frozen)
+    cfg = load_config(overrides={"model.source": "chgnet", "strategy.lr_decay": 0.5,
+                                 "train.backbone_lr": 1e-3})
+    groups = param_groups(model, cfg)
+    assert [g["block"] for g in groups] == [2, 3, 4, 5]  # blocks 2-4 and the head
+    assert [g["lr"] for g in groups[:-1]] == pytest.approx([1e-3 * 0.5 ** 3, 1e-3 * 0.25,
+                                                            1e-3 * 0.5])
+    anchored = {n for n, _ in model.backbone_parameters()}
+    assert anchored == {n.removeprefix("backbone.") for n, p in model.named_parameters()
+                        if p.requires_grad and n.startswith("backbone.")}
