@@ -295,28 +295,3 @@ def test_graph_caches_and_resume_states_load_weights_only(jdft2d_graphs, tmp_pat
     fresh.load_state_dict(loaded["optimizer"])
     warmup_cosine(fresh, 1, 4).load_state_dict(loaded["scheduler"])
 
-
-def test_a_backbone_copied_from_the_loaded_foundation_equals_one_constructed(jdft2d_graphs):
-    """The study driver rebuilds a checkpoint's MACE by copying the foundation model its
-    preflight loaded (same architecture) instead of constructing it: same names, same
-    buffers, same features once the weights are loaded."""
-    from matxfer.backbones import mace_arch
-    from matxfer.graphs import collate
-    from matxfer.model import load_backbone
-
-    net = load_backbone("small", dtype=torch.float32)  # remembered by the family's loader
-    arch = mace_arch.architecture(net)
-    assert json.dumps(arch, sort_keys=True) in mace_arch._LOADED
-    copied = mace_arch.build_backbone(arch)
-    constructed = mace_arch._built_backbone(json.dumps(arch, sort_keys=True))
-    state = {k: v for k, v in net.state_dict().items()}
-    copied.load_state_dict(state, strict=False)
-    constructed.load_state_dict(state, strict=False)
-    assert {n for n, p in copied.named_parameters() if p.requires_grad} == {
-        n for n, p in constructed.named_parameters() if p.requires_grad}
-    batch = collate(jdft2d_graphs, [0, 1, 2])
-    from matxfer.backbones.mace import mace_features
-
-    with torch.no_grad():
-        for a, b in zip(mace_features(copied, batch), mace_features(constructed, batch)):
-            assert torch.allclose(a, b, atol=1e-6)

@@ -75,7 +75,8 @@ BAD_TRAIN_ARGS = [
     (["--l2sp=-1e-3"], "regularizers.l2sp: Input should be greater than or equal to 0"),
     (["--bss=-1"], "regularizers.bss: Input should be greater than or equal to 0"),
     (["--pooling", "median"], "model.pooling: Input should be 'mean', 'sum', 'max' or"),
-    (["--model", "missing.model"], "model file 'missing.model' does not exist"),
+    (["--model", "missing.model"], "model.source 'missing.model' is neither a model file nor "
+                                   "a known name; allowed names: small, medium"),
     (["--max-structures", "3"], "max_structures=3 leaves the"),
     (["--max-structures", "0"], "data.max_structures: Input should be greater than or equal"),
     (["--data-dir", "/nonexistent"], "data_dir '/nonexistent' holds no matbench_jdft2d.json.gz"),

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import matxfer.backbones.quiet_mace  # noqa: F401  (imports mace quietly, before e3nn)
 from matxfer.backbones.base import Family
-from matxfer.backbones.mace_arch import remember
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSpec
 
@@ -130,10 +130,7 @@ class MaceFamily(Family):
         for name, p in net.named_parameters():  # the energy head gets no gradient from ours
             if self.block_index(name) is None:
                 p.requires_grad_(False)
-        net = net.to(dtype)
-        if init == "pretrained":
-            remember(net)
-        return net
+        return net.to(dtype)
 
     def graph_spec(self, net: nn.Module) -> GraphSpec:
         return GraphSpec(tuple(int(z) for z in net.atomic_numbers), float(net.r_max),

@@ -110,26 +110,15 @@ def architecture(backbone: torch.nn.Module) -> dict:
     return {"class": name, "dtype": str(dtype).removeprefix("torch."), "config": encode(config)}
 
 
-_LOADED: dict[str, torch.nn.Module] = {}  # architecture JSON -> a backbone this process loaded
-
-
-def remember(backbone: torch.nn.Module) -> None:
-    """Keep a copy of a backbone this process loaded (the study driver's preflight loads the
-    foundation model), so a checkpoint of the same architecture is rebuilt by copying it
-    instead of constructing MACE again (seconds of e3nn code generation)."""
-    if len(_LOADED) < 2:
-        _LOADED.setdefault(json.dumps(architecture(backbone), sort_keys=True),
-                           copy.deepcopy(backbone))
-
-
 def build_backbone(arch: dict) -> torch.nn.Module:
     """A MACE backbone of the stored architecture (float64 build, like mace's own models, then
     the stored dtype); its weights come from the checkpoint's state. Constructing MACE takes
-    seconds (e3nn's code generation): a process builds each architecture once, or takes one it
-    loaded (`remember`), and copies it (a study evaluates one checkpoint per fold; predict
-    loads one per fold)."""
-    key = json.dumps(arch, sort_keys=True)
-    return copy.deepcopy(_LOADED.get(key) or _built_backbone(key))
+    seconds (e3nn's code generation): a process builds each architecture once and copies it
+    (a study evaluates one checkpoint per fold; predict loads one per fold). Never a copy of
+    a pickled foundation model: constants e3nn computes at construction may differ in the last
+    digits between the mace that pickled it and this one, and a study's test predictions must
+    be what `matxfer predict` gives for the same checkpoint."""
+    return copy.deepcopy(_built_backbone(json.dumps(arch, sort_keys=True)))
 
 
 @functools.lru_cache(maxsize=2)

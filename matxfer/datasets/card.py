@@ -101,9 +101,10 @@ def check_dataset(data: DataConfig, model_cfg: ModelConfig) -> Card:
     loaded = load_rows(data)
     frame = loaded.frame
     model = build_model(model_cfg)
-    spec = model.graph_spec()
+    graph_spec = model.graph_spec()
     graphs = build_graph_set(list(frame.index), list(frame["structure"]),
-                             frame["target"].to_numpy(), spec, progress=False, skip_bad=True)
+                             frame["target"].to_numpy(), graph_spec, progress=False,
+                             skip_bad=True)
     skipped = loaded.skipped + graphs.skipped
     card.add("rows", f"{len(graphs)} usable" + (f", {len(skipped)} skipped" if skipped else ""))
     elements = sorted({int(graphs.z_table[s]) for s in torch.unique(graphs.species)})
@@ -118,7 +119,7 @@ def check_dataset(data: DataConfig, model_cfg: ModelConfig) -> Card:
     size = sum(getattr(graphs, k).numel() * getattr(graphs, k).element_size()
                for k in ("species", "positions", "edge_index", "shifts"))
     card.add("cache", f"graph cache about {size / 2**20:.1f} MiB "
-             f"({int(graphs.n_edges.sum())} edges, cutoff {spec.cutoff:g} Å)")
+             f"({int(graphs.n_edges.sum())} edges, cutoff {graph_spec.cutoff:g} Å)")
     seconds = epoch_seconds(model, graphs, n_train)
     card.add("epoch", f"about {seconds:.0f} s per training epoch on this machine's CPU "
              f"({n_train} structures, batch 16, {torch.get_num_threads()} threads)")

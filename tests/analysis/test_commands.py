@@ -156,7 +156,7 @@ def test_report_from_result_files_without_mlflow(tmp_path, capsys):
     assert table["MP0 vs RI"] == "+50.0%"  # (60 - 30) / 60
     assert "showing" in capsys.readouterr().out  # the quickstart study is named, not used
     assert sorted(p.name for p in out.iterdir()) == [
-        "figure1_fold_metrics.png", "runs.csv", "table1.csv", "table1.md"]
+        "backbones.md", "figure1_fold_metrics.png", "runs.csv", "table1.csv", "table1.md"]
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2
     assert "--results" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """CHGNet as a backbone: its own forward, its own pretrained weights, real Matbench structures."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_chgnet_and_mace_graph_caches_do_not_collide(chgnet, backbone):
     from matxfer.graphs import cache_file
 
     data = DataConfig(task="matbench_jdft2d")
-    mace_spec = family("small").graph_spec(backbone.float())
+    mace_spec = replace(family("small").graph_spec(backbone), dtype=torch.float32)
     assert cache_file(data, family("chgnet").graph_spec(chgnet)) != cache_file(data, mace_spec)
 
 

@@ -109,7 +109,7 @@ def test_one_trial_studies_of_L1_L2_mace_files_and_chgnet(mace_files, tmp_path):
     path.write_text(
         "folds: [0]\nnum_samples: 1\nmax_concurrent_trials: 1\nasha: {enabled: false}\n"
         f"storage_path: {tmp_path / 'ray'}\noutput_dir: {tmp_path / 'studies'}\n"
-        "tracking: {uri: 'off'}\nsearch: {l2sp: null, bss: null}\n"
+        "tracking: {enabled: false}\nsearch: {l2sp: null, bss: null}\n"
         "run:\n  data: {task: matbench_jdft2d, max_structures: 24, val_fraction: 0.2}\n"
         "  train: {epochs: 1, batch_size: 8}\n  model: {head_hidden: [16]}\n")
     studies = {"L1": load_study_config(path, {"run.model.source": str(mace_files[1]),
