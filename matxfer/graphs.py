@@ -107,16 +107,45 @@ def structure_arrays(structure) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     return numbers, positions, np.asarray(structure.lattice.matrix, dtype=float), (True,) * 3
 
 
-def check_elements(numbers: np.ndarray, mbid: str, z_table: Sequence[int]) -> None:
-    """UserError naming the structure and the elements the model's table lacks."""
-    unknown = sorted({int(z) for z in numbers} - {int(z) for z in z_table})
-    if unknown:
-        from ase.data import chemical_symbols
+class UnknownElements(UserError):
+    """A structure holds elements (atomic numbers) the model's element table lacks."""
 
-        names = ", ".join(chemical_symbols[z] for z in unknown)
-        raise UserError(
-            f"structure {mbid}: element {names} is not among the model's {len(z_table)} elements"
-        )
+    def __init__(self, mbid: str, elements: set[int], n_table: int) -> None:
+        super().__init__(f"structure {mbid}: element {_symbols(elements)} is not among the "
+                         f"model's {n_table} elements")
+        self.elements = elements
+
+
+def _symbols(numbers) -> str:
+    from ase.data import chemical_symbols
+
+    return ", ".join(chemical_symbols[z] for z in sorted(numbers))
+
+
+def check_elements(numbers: np.ndarray, mbid: str, z_table: Sequence[int]) -> None:
+    """UnknownElements naming the structure and the elements the model's table lacks."""
+    unknown = {int(z) for z in numbers} - {int(z) for z in z_table}
+    if unknown:
+        raise UnknownElements(mbid, unknown, len(z_table))
+
+
+def all_unknown_elements(first: UnknownElements, mbid: str, rest: Iterable,
+                         z_table: Sequence[int]) -> UserError:
+    """The first structure's error, completed by a scan of the remaining (id, structure, _)
+    rows (atomic numbers only): every element the model lacks and the structures holding
+    them (the first few by id)."""
+    table, ids, missing = {int(z) for z in z_table}, [str(mbid)], set(first.elements)
+    for other, structure, _ in rest:
+        unknown = {int(z) for z in structure_arrays(structure)[0]} - table
+        if unknown:
+            ids.append(str(other))
+            missing |= unknown
+    if len(ids) == 1:
+        return first
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return UserError(f"{first}; {len(ids)} structures hold elements the model lacks "
+                     f"({_symbols(missing)}): {shown}; use a model with these elements, or "
+                     "data.source.skip_bad_rows for your own data")
 
 
 def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float):
@@ -153,6 +182,7 @@ def graphs_from_rows(
     are kept, never the structures. With `skip_bad`, a structure the model cannot take (an
     unknown element) is left out and listed in `skipped`."""
     parts, ids, targets, skipped = [], [], [], []
+    rows = iter(rows)
     bar = tqdm(rows, unit="struct", desc="building graphs", total=total, disable=not progress)
     for mbid, structure, target in bar:
         try:
@@ -161,6 +191,8 @@ def graphs_from_rows(
             if not skip_bad:
                 bar.leave = False  # the error is the one line left on the terminal
                 bar.close()
+                if isinstance(err, UnknownElements):
+                    raise all_unknown_elements(err, mbid, rows, spec.z_table) from None
                 raise
             skipped.append((str(mbid), str(err).split(": ", 1)[-1]))
             continue

@@ -154,6 +154,7 @@ def test_a_model_lacking_the_datasets_elements_names_structure_and_elements(tmp_
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "is not among the model's 1 elements" in err and "structure mb-jdft2d-" in err
+    assert "636 structures hold elements the model lacks (" in err and " and 631 more" in err
     assert not (tmp_path / "o").exists() and not list(cache.glob("*.pt"))
 
 
