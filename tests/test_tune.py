@@ -367,7 +367,7 @@ def _recorded_terminated(experiment) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
-FAULT_EPOCHS = 8  # a trial lasts long enough for the next one to be caught mid-way
+FAULT_EPOCHS = 30  # a trial outlasts the lag of Tune's experiment snapshots (up to ~10 s here)
 
 
 def _stop_after(driver, experiment, n_done: int, how) -> dict[str, str]:
