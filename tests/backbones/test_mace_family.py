@@ -103,6 +103,8 @@ def test_one_trial_studies_of_L1_L2_mace_files_and_chgnet(mace_files, tmp_path):
     """`matxfer tune` with --model FILE (L = 1, L = 2) and --variant chgnet: one trial each,
     the test fold evaluated once, the backbone and its size in result.json; `matxfer report`
     then lists a row per backbone."""
+    import ray
+
     from matxfer.tune import run_study
 
     path = tmp_path / "study.yaml"
@@ -118,12 +120,15 @@ def test_one_trial_studies_of_L1_L2_mace_files_and_chgnet(mace_files, tmp_path):
                                               "name": "mace-L2"}),
                "chgnet": load_study_config(path, variant="chgnet")}
     params = {}
-    for key, study in studies.items():
-        run_study(study)
-        folder = study_folder(tmp_path / "studies", variant=study.name)
-        result = json.loads((folder / "fold0" / "result.json").read_text())
-        assert result["n_trials"] == 1 and np.isfinite(result["test_mae"])
-        params[key] = result["backbone_params"]
+    try:
+        for key, study in studies.items():
+            run_study(study)  # the first starts a local Ray instance, the others reuse it
+            folder = study_folder(tmp_path / "studies", variant=study.name)
+            result = json.loads((folder / "fold0" / "result.json").read_text())
+            assert result["n_trials"] == 1 and np.isfinite(result["test_mae"])
+            params[key] = result["backbone_params"]
+    finally:
+        ray.shutdown()  # the next test file in this process starts its own
     assert params["chgnet"] > params["L2"] > params["L1"] > 0
     assert main(["report", "--results", str(tmp_path / "studies"), "--out",
                  str(tmp_path / "report")]) == 0
