@@ -15,6 +15,7 @@ about it that matxfer needs:
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -25,9 +26,15 @@ from matxfer.graphs import GraphSpec
 
 
 class Family(ABC):
-    """The interface; see the module docstring. `name` is 'mace' or 'chgnet'."""
+    """The interface; see the module docstring. `name` is 'mace' or 'chgnet'. A family names
+    its parameters' blocks with three patterns: `embedding_params` (block 0),
+    `layer_params` (group 1: the message-passing layer i, block i + 1) and `unused_params`
+    (the energy head: no block, frozen)."""
 
     name: str
+    embedding_params: re.Pattern
+    layer_params: re.Pattern
+    unused_params: re.Pattern
 
     @abstractmethod
     def weights_file(self, source: str) -> Path:
@@ -44,13 +51,31 @@ class Family(ABC):
         """How this backbone's input graphs are built and cached."""
 
     @abstractmethod
+    def n_layers(self, net: nn.Module) -> int:
+        """Number of message-passing layers."""
+
     def block_names(self, net: nn.Module) -> list[str]:
         """Blocks bottom to top: 'embedding', then one name per message-passing layer."""
+        return ["embedding"] + [f"interaction_{i}" for i in range(self.n_layers(net))]
 
-    @abstractmethod
     def block_index(self, name: str) -> int | None:
         """Block (index into block_names) of a parameter name; None for unused parameters.
         A name in no block raises ValueError (an unknown layout must not be filed silently)."""
+        if self.embedding_params.match(name):
+            return 0
+        layer = self.layer_params.match(name)
+        if layer:
+            return int(layer.group(1)) + 1
+        if self.unused_params.match(name):
+            return None
+        raise ValueError(f"backbone parameter {name!r} belongs to no block of the backbone")
+
+    def freeze_unused(self, net: nn.Module) -> nn.Module:
+        """Freeze the parameters in no block (the energy head gets no gradient from ours)."""
+        for name, p in net.named_parameters():
+            if self.block_index(name) is None:
+                p.requires_grad_(False)
+        return net
 
     @abstractmethod
     def layer_widths(self, net: nn.Module) -> list[int]:

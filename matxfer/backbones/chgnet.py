@@ -90,12 +90,6 @@ def crystal_graphs(batch: dict) -> list:
     return graphs
 
 
-_BLOCK_OF = ((re.compile(r"^(?:atom_embedding|bond_basis_expansion|bond_embedding|bond_weights_"
-                         r"ag|bond_weights_bg|angle_basis_expansion|angle_embedding)\."), None),
-             (re.compile(r"^(?:atom_conv_layers|bond_conv_layers|angle_layers)\.(\d+)\."), 1))
-_UNUSED = re.compile(r"^(?:composition_model|site_wise|readout_norm|mlp|pooling)\.")
-
-
 def weights_file(version: str) -> Path:
     """The pretrained checkpoint of a CHGNet version inside the installed wheel."""
     import chgnet
@@ -108,7 +102,15 @@ def weights_file(version: str) -> Path:
 
 
 class ChgnetFamily(Family):
+    """Block 0: the atom, bond and angle embeddings and bases; block i + 1: message-passing
+    step i (atom convolution i, then the bond and angle updates that feed step i + 1)."""
+
     name = "chgnet"
+    embedding_params = re.compile(r"^(?:atom_embedding|bond_basis_expansion|bond_embedding|"
+                                  r"bond_weights_ag|bond_weights_bg|angle_basis_expansion|"
+                                  r"angle_embedding)\.")
+    layer_params = re.compile(r"^(?:atom_conv_layers|bond_conv_layers|angle_layers)\.(\d+)\.")
+    unused_params = re.compile(r"^(?:composition_model|site_wise|readout_norm|mlp|pooling)\.")
 
     def weights_file(self, source: str) -> Path:
         return weights_file(chgnet_version(source))
@@ -127,10 +129,7 @@ class ChgnetFamily(Family):
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     net = CHGNet(**net.model_args)
-        for name, p in net.named_parameters():
-            if self.block_index(name) is None:
-                p.requires_grad_(False)
-        return net
+        return self.freeze_unused(net)
 
     def graph_spec(self, net: nn.Module) -> GraphSpec:
         args = net.model_args
@@ -140,17 +139,8 @@ class ChgnetFamily(Family):
                          part=functools.partial(chgnet_part, atom_cutoff=cut,
                                                 bond_cutoff=bond, algorithm=algo))
 
-    def block_names(self, net: nn.Module) -> list[str]:
-        return ["embedding"] + [f"interaction_{i}" for i in range(len(net.atom_conv_layers))]
-
-    def block_index(self, name: str) -> int | None:
-        for pattern, offset in _BLOCK_OF:
-            match = pattern.match(name)
-            if match:
-                return 0 if offset is None else int(match.group(1)) + offset
-        if _UNUSED.match(name):
-            return None
-        raise ValueError(f"backbone parameter {name!r} belongs to no block of the backbone")
+    def n_layers(self, net: nn.Module) -> int:
+        return len(net.atom_conv_layers)
 
     def layer_widths(self, net: nn.Module) -> list[int]:
         return [int(net.model_args["atom_fea_dim"])] * len(net.atom_conv_layers)
@@ -181,7 +171,4 @@ def build_chgnet(arch: dict) -> nn.Module:
 
     with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng():
         net = CHGNet(**arch["config"])
-    for name, p in net.named_parameters():
-        if ChgnetFamily.block_index(ChgnetFamily(), name) is None:
-            p.requires_grad_(False)
-    return net
+    return ChgnetFamily().freeze_unused(net)

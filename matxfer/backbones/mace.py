@@ -99,14 +99,13 @@ def mace_features(net: nn.Module, batch: dict) -> list[torch.Tensor]:
     return feats
 
 
-# Block 0 embeds elements and distances; block i + 1 is interaction i with its product.
-_BLOCK_OF = ((re.compile(r"^(?:node_embedding|radial_embedding)\."), None),
-             (re.compile(r"^(?:interactions|products)\.(\d+)\."), 1))
-_UNUSED = re.compile(r"^(?:readouts|scale_shift|atomic_energies_fn|pair_repulsion_fn)\.")
-
-
 class MaceFamily(Family):
+    """Block 0 embeds elements and distances; block i + 1 is interaction i with its product."""
+
     name = "mace"
+    embedding_params = re.compile(r"^(?:node_embedding|radial_embedding)\.")
+    layer_params = re.compile(r"^(?:interactions|products)\.(\d+)\.")
+    unused_params = re.compile(r"^(?:readouts|scale_shift|atomic_energies_fn|pair_repulsion_fn)\.")
 
     def weights_file(self, source: str) -> Path:
         return resolve_model_path(source)
@@ -127,26 +126,14 @@ class MaceFamily(Family):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 net = type(net)(**cfg)
-        for name, p in net.named_parameters():  # the energy head gets no gradient from ours
-            if self.block_index(name) is None:
-                p.requires_grad_(False)
-        return net.to(dtype)
+        return self.freeze_unused(net).to(dtype)
 
     def graph_spec(self, net: nn.Module) -> GraphSpec:
         return GraphSpec(tuple(int(z) for z in net.atomic_numbers), float(net.r_max),
                          next(net.parameters()).dtype)
 
-    def block_names(self, net: nn.Module) -> list[str]:
-        return ["embedding"] + [f"interaction_{i}" for i in range(len(net.interactions))]
-
-    def block_index(self, name: str) -> int | None:
-        for pattern, offset in _BLOCK_OF:
-            match = pattern.match(name)
-            if match:
-                return 0 if offset is None else int(match.group(1)) + offset
-        if _UNUSED.match(name):
-            return None
-        raise ValueError(f"backbone parameter {name!r} belongs to no block of the backbone")
+    def n_layers(self, net: nn.Module) -> int:
+        return len(net.interactions)
 
     def layer_widths(self, net: nn.Module) -> list[int]:
         return [len(cols) for _, cols in scalar_slices(net)]

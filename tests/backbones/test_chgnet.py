@@ -45,7 +45,7 @@ def test_features_and_energy_are_chgnets_own_on_real_structures(chgnet, chgnet_g
                                        batch_size=3)
         ours = chgnet(crystal_graphs(batch), task="e")["e"]
     assert [f.shape[1] for f in feats] == [64, 64, 64, 64]
-    assert sum(f.shape[0] for f in feats[:1]) == int(batch["ptr"][-1])
+    assert all(f.shape[0] == int(batch["ptr"][-1]) for f in feats)
     expected = np.concatenate([o["atom_fea"] for o in own])
     np.testing.assert_allclose(feats[2].numpy(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours.numpy(), [o["e"] for o in own], rtol=1e-5, atol=1e-6)
