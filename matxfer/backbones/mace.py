@@ -64,7 +64,8 @@ def resolve_model_path(source: str) -> Path:
         with contextlib.redirect_stdout(io.StringIO()):
             return Path(download_mace_mp_checkpoint(source))
     except Exception as err:
-        raise UserError(f"cannot find or download MACE model {source!r}: {err}") from None
+        what = "MACE-MP-0" if source == "small" else "MACE model"
+        raise UserError(f"cannot find or download {what} {source!r}: {err}") from None
 
 
 def scalar_slices(net: nn.Module) -> list[tuple[slice, list[int]]]:
