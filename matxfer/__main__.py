@@ -1,5 +1,3 @@
-import sys
+from matxfer.cli import run
 
-from matxfer.cli import main
-
-sys.exit(main())
+run()

@@ -41,10 +41,11 @@ Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint folder or 
 def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int, report: Report,
                   setup: dict[str, float]):
     """Per-epoch callback: metrics from every rank; rank 0 adds a checkpoint every epoch:
-    the best weights so far (checkpoint.pt, what evaluation and predict read) and the state
-    to continue from (resume.pt), each with its checksum. Each report names the Ray node the
-    worker runs on, the epoch this worker group resumed after (0: a fresh start), and the
-    seconds it took to build the model and read the fold (`setup`)."""
+    the best weights so far (checkpoint.pt, what evaluation and predict read) and, unless it
+    is the last epoch, the state to continue from (resume.pt), each with its checksum. Each
+    report names the Ray node the worker runs on, the epoch this worker group resumed after
+    (0: a fresh start), and the seconds it took to build the model and read the fold
+    (`setup`)."""
     node_id = ray.get_runtime_context().get_node_id()
 
     def on_epoch(row: dict, result: TrainResult, state) -> None:
@@ -57,7 +58,8 @@ def _report_epoch(model, cfg: RunConfig, data, rank: int, resumed_from: int, rep
             payload = checkpoint_payload(model, cfg, data, result.best_state)
             payload["history"] = plain(list(result.history))
             save_checked(payload, Path(tmp) / CHECKPOINT_FILE)
-            save_checked(plain(state()), Path(tmp) / RESUME_FILE)  # weights-only loadable
+            if row["epoch"] < cfg.train.epochs:  # after the last epoch nothing resumes
+                save_checked(plain(state()), Path(tmp) / RESUME_FILE)  # weights-only loadable
             report(metrics, tmp)  # Ray copies the folder to the run's storage here
     return on_epoch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from matxfer.tasks import TaskSpec
@@ -13,6 +12,8 @@ from matxfer.tasks import TaskSpec
 def score(spec: TaskSpec, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """MAE in task units (regression) or ROC-AUC (classification)."""
     if spec.kind == "classification":
+        from sklearn.metrics import roc_auc_score  # 0.35 s to import: only where it is used
+
         return float(roc_auc_score(y_true.astype(int), y_pred))
     return float(np.mean(np.abs(y_true - y_pred)))
 

@@ -4,6 +4,7 @@ and the checkpoint is exactly the model the search selected), and the trials tab
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -11,12 +12,14 @@ import ray
 import torch
 from ray import tune
 
+from matxfer.backbones.registry import prebuild
 from matxfer.checkpoint import backbone_facts, load_checkpoint
 from matxfer.config import StudyConfig
 from matxfer.datasets.loading import data_files
 from matxfer.distributed import CHECKPOINT_FILE
 from matxfer.identity import StudyIdentity
 from matxfer.metrics import score
+from matxfer.storage import load_checked
 from matxfer.train import loader_options, predict
 
 
@@ -32,6 +35,42 @@ def best_checkpoint_file(result) -> ray.train.Checkpoint | None:
         if len(paths):
             return ray.train.Checkpoint(paths.iloc[-1])
     return result.checkpoint
+
+
+class EvaluationWarmup(tune.Callback):
+    """Builds the architecture of the first finished trial's checkpoint on a thread while the
+    other trials run, so that loading the selected checkpoint after the study (same
+    architecture: one backbone per study) skips seconds of MACE construction. The build is the
+    one `load_checkpoint` does, kept per process; Tune's end of the fit waits for it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its run config
+        return {"_thread": None}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+        if self._thread is not None:
+            return
+        folder = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY) or (
+            trial.checkpoint.path if trial.checkpoint is not None else None)
+        if folder and Path(folder, CHECKPOINT_FILE).is_file():
+            self._thread = threading.Thread(target=_prebuild, name="evaluation-warmup",
+                                            args=(Path(folder, CHECKPOINT_FILE),), daemon=True)
+            self._thread.start()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _prebuild(path: Path) -> None:
+    try:
+        prebuild(load_checked(path)["backbone"])
+    except Exception:  # noqa: BLE001 - only a head start: the evaluation loads and reports it
+        pass
 
 
 def evaluation_device(study: StudyConfig) -> torch.device:

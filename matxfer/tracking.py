@@ -87,13 +87,12 @@ def reproducibility_tags(task: str, model_path: Path, data_source: str) -> dict[
 
 
 def learning_curve_png(history: pd.DataFrame, path: Path, metric: str) -> Path:
-    """Train loss and validation metric (top), weighted regulariser terms (bottom) vs epoch."""
-    import matplotlib
+    """Train loss and validation metric (top), weighted regulariser terms (bottom) vs epoch.
+    A bare Figure (no pyplot state): the driver draws these on a thread while Tune runs."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    fig = Figure(figsize=(6, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
     top.plot(history["epoch"], history["task_loss"], "x--", label="task loss")
     twin = top.twinx()
@@ -109,7 +108,6 @@ def learning_curve_png(history: pd.DataFrame, path: Path, metric: str) -> Path:
     bottom.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

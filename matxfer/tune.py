@@ -36,7 +36,7 @@ from matxfer.scheduling import (
 )
 from matxfer.scoped_env import scoped_env
 from matxfer.search import search_for, trial_run_config
-from matxfer.selection import evaluate_best
+from matxfer.selection import EvaluationWarmup, evaluate_best
 from matxfer.storage import recorded_sha256
 from matxfer.tracking import (
     complete_fold_result,
@@ -225,6 +225,7 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
                                epochs=study.run.train.epochs),
                  SchedulingWatchdog(per_worker_resources(s.cpus_per_worker, s.use_gpu),
                                     s.num_workers, timeout_s=study.scheduling_timeout_s)]
+    callbacks.append(EvaluationWarmup())
     if tracker:
         callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
     try:

@@ -121,6 +121,12 @@ def build_backbone(arch: dict) -> torch.nn.Module:
     return copy.deepcopy(_built_backbone(json.dumps(arch, sort_keys=True)))
 
 
+def prebuild(arch: dict) -> None:
+    """Build `arch` now so that its next build_backbone in this process is a copy (a study's
+    driver does it on a thread while the trials run, before the test-fold evaluation)."""
+    _built_backbone(json.dumps(arch, sort_keys=True))
+
+
 @functools.lru_cache(maxsize=2)
 def _built_backbone(arch_json: str) -> torch.nn.Module:
     arch = json.loads(arch_json)

@@ -10,6 +10,7 @@ from matxfer.backbones.chgnet import ChgnetFamily, build_chgnet, chgnet_architec
 from matxfer.backbones.mace import MaceFamily
 from matxfer.backbones.mace_arch import architecture as mace_architecture
 from matxfer.backbones.mace_arch import build_backbone as build_mace
+from matxfer.backbones.mace_arch import prebuild as prebuild_mace
 from matxfer.backbones.names import family_of
 
 _FAMILIES: dict[str, Family] = {"mace": MaceFamily(), "chgnet": ChgnetFamily()}
@@ -59,3 +60,10 @@ def build_backbone(arch: dict) -> nn.Module:
     if arch.get("class") == "CHGNet":
         return build_chgnet(arch)
     return build_mace(arch)
+
+
+def prebuild(arch: dict) -> None:
+    """Build a stored architecture ahead of its checkpoint's load: MACE's construction takes
+    seconds (e3nn's code generation) and is kept per process; CHGNet's takes milliseconds."""
+    if arch.get("class") != "CHGNet":
+        prebuild_mace(arch)
