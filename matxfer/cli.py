@@ -183,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from matxfer.config import load_study_config
     from matxfer.records import format_summary
-    from matxfer.tune import attached_address, check_study, run_study
+    from matxfer.tune import attached_address, check_study, local_ray, run_study
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds
@@ -196,7 +196,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.check:
         print(check_study(study, address=args.address))
         return 0
-    table = run_study(study, address=args.address)
+    with local_ray():
+        table = run_study(study, address=args.address)
     print(format_summary(table, study))
     return 0
 

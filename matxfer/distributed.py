@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from matxfer.config import RunConfig, ScalingSettings
 from matxfer.graphs import VerifiedCache
-from matxfer.model import build_model
+from matxfer.model import trial_model
 from matxfer.run import checkpoint_payload, prepare_fold
 from matxfer.storage import CorruptFile, UnsafeFile, load_checked, plain, save_checked
 from matxfer.strategies import freeze_blocks
@@ -85,7 +85,7 @@ def train_process(cfg: RunConfig, device: torch.device, rank: int, world: int, r
     driver built and verified, continue from `checkpoint` when there is one, report every
     epoch."""
     start = time.perf_counter()
-    model = build_model(cfg.model, for_compile=cfg.train.compile != "off")
+    model = trial_model(cfg.model, for_compile=cfg.train.compile != "off")
     freeze_blocks(model, cfg.strategy.freeze_blocks)  # DDP must see only trainable parameters
     built = time.perf_counter()
     data = prepare_fold(cfg, model, progress=False, verified=cache)

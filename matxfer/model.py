@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -235,3 +237,23 @@ def build_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:
     if cfg.kernels == "cueq":
         model.use_cueq_kernels()
     return model
+
+
+def trial_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:
+    """build_model for one trial of a process that runs many (Tune reuses trial processes):
+    the process builds each config once, and every later call gets that module back with its
+    built weights, buffers and trainable flags restored, gradients cleared, in train mode.
+    Only one trial uses it at a time; the previous trial's module is not kept by anyone."""
+    model, state, trainable = _trial_template(cfg.model_dump_json(), for_compile)
+    model.load_state_dict(state)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
+        p.grad = None
+    return model.train()
+
+
+@functools.lru_cache(maxsize=1)
+def _trial_template(cfg_json: str, for_compile: bool) -> tuple[PropertyModel, dict, dict]:
+    model = build_model(ModelConfig.model_validate_json(cfg_json), for_compile)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, state, {n: p.requires_grad for n, p in model.named_parameters()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import pandas as pd
 import ray
@@ -45,7 +46,7 @@ from matxfer.tracking import (
     open_parent_run,
     open_tracker,
 )
-from matxfer.trial_logger import TrialLogger
+from matxfer.trial_logger import TrialLogger, complete_trial_runs
 
 # A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
 # machine; a local instance's processes inherit this (a cluster keeps its own settings).
@@ -65,6 +66,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                      log_to_driver=False)
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """Stop the Ray instance started inside this block when it ends (a local one, or the
+    connection to a cluster); one that was already running stays. Stopping it here rather
+    than in Ray's exit hook saves the half second that hook sleeps first."""
+    running = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running:
+            ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -198,6 +212,11 @@ def run_fold(study: StudyConfig, ident: StudyIdentity, fold: int, tracker=None,
     parent_id = open_parent_run(tracker, study, fold, name, ident.fingerprint) \
         if tracker else None
     results = fit_fold(study, fold, name, parent_id, tracker, cache)
+    if tracker:
+        metric = f"val_{study.run.data.spec.metric}"
+        if n := complete_trial_runs(tracker, parent_id, metric, results):
+            print(f"fold {fold}: completed the MLflow runs of {n} trial(s) an earlier "
+                  "interruption left open")
     finished = results.num_terminated + results.num_errors
     if finished < study.num_samples:  # Tune returns normally after a Ctrl-C
         raise StudyInterrupted(f"fold {fold}: study interrupted after {finished} of "

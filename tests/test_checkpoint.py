@@ -134,6 +134,28 @@ def test_the_rebuilt_model_predicts_like_the_original(trained, jdft2d_graphs):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
 
 
+def test_the_evaluation_warmup_prebuilds_what_loading_the_checkpoint_builds(trained):
+    """While a study runs, EvaluationWarmup builds the first finished trial's architecture on
+    a thread; loading the selected checkpoint afterwards copies that build (no second
+    construction), and the copy predicts like a fresh build (tested above)."""
+    from types import SimpleNamespace
+
+    from matxfer.backbones.mace_arch import _built_backbone
+    from matxfer.selection import EvaluationWarmup
+
+    folder, _ = trained
+    _built_backbone.cache_clear()
+    warmup = EvaluationWarmup()
+    finished = SimpleNamespace(last_result={}, checkpoint=SimpleNamespace(path=str(folder)))
+    warmup.on_trial_complete(1, [], finished)
+    warmup.on_trial_complete(2, [], finished)  # one build per study, not one per trial
+    warmup.on_experiment_end([])
+    assert _built_backbone.cache_info().misses == 1
+    load_checkpoint(folder)
+    info = _built_backbone.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
 CLEAN_PREDICT = """
 import sys
 import matxfer

@@ -52,6 +52,53 @@ def test_random_twin_has_identical_architecture_and_new_weights(backbone):
     assert torch.equal(params[name], dict(again.named_parameters())[name])  # seeded
 
 
+def test_random_twin_copies_equal_a_fresh_construction_and_are_independent():
+    """Each process constructs a (model file, seed) twin once and hands out copies: a copy
+    equals a construction from scratch, and changing one copy leaves the next untouched."""
+    from matxfer.backbones.mace import _built_twin, random_twin, resolve_model_path
+
+    path = resolve_model_path("small")
+    first = random_twin(path, 7)
+    with torch.no_grad():
+        first.interactions[0].linear.weight.add_(1.0)
+    second = random_twin(path, 7)
+    stat = path.stat()
+    fresh = _built_twin.__wrapped__(str(path), (stat.st_size, stat.st_mtime_ns), 7,
+                                    torch.get_default_dtype())
+    assert second is not first
+    for (name, value), expected in zip(second.state_dict().items(),
+                                       fresh.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
+    assert not torch.equal(first.interactions[0].linear.weight,
+                           second.interactions[0].linear.weight)
+
+
+def test_a_reused_trial_model_starts_each_trial_as_built():
+    """Tune runs many trials in one process: trial_model hands back the module the process
+    built, with whatever a trial changed (weights, frozen flags, gradients, eval mode) reset
+    to what build_model gives."""
+    from matxfer.config import ModelConfig
+    from matxfer.model import build_model, trial_model
+
+    cfg = ModelConfig(head_hidden=[8])
+    first = trial_model(cfg)
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(0.5)
+    first.backbone.interactions[0].linear.weight.requires_grad_(False)
+    first.head[0].weight.grad = torch.ones_like(first.head[0].weight)
+    first.eval()
+    second = trial_model(cfg)
+    fresh = build_model(cfg)
+    assert second is first and second.training
+    for (name, value), expected in zip(second.state_dict().items(),
+                                       fresh.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
+    flags = {n: p.requires_grad for n, p in fresh.named_parameters()}
+    assert {n: p.requires_grad for n, p in second.named_parameters()} == flags
+    assert all(p.grad is None for p in second.parameters())
+
+
 def test_missing_model_file_is_a_user_error():
     from matxfer.errors import UserError
 

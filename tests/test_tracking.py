@@ -279,3 +279,48 @@ def test_study_completes_across_a_tracking_server_restart(server, tmp_path):
         assert parent.data.metrics["test_mae"] > 0
     finally:
         stop_server(restarted)
+
+
+def test_trial_runs_a_killed_driver_left_open_are_completed_from_the_trials_records(tmp_path):
+    """A driver killed after Tune saw a trial end, before its MLflow worker logged the last
+    epoch and ended the run: the rerun's `complete_trial_runs` logs the missing epoch, the
+    files, and ends it; runs that were finished, or belong to another fold, are untouched."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from matxfer.trial_logger import complete_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "repair")
+    parent = tracker.start_run("fold0", {}, ("matxfer.fold", "f0"))
+    other_parent = tracker.start_run("fold1", {}, ("matxfer.fold", "f1"))
+    left_open = tracker.start_run("trial-a", {"mlflow.parentRunId": parent},
+                                  ("matxfer.trial_id", "study-fold0/a"))
+    finished = tracker.start_run("trial-b", {"mlflow.parentRunId": parent},
+                                 ("matxfer.trial_id", "study-fold0/b"))
+    other_fold = tracker.start_run("trial-a", {"mlflow.parentRunId": other_parent},
+                                   ("matxfer.trial_id", "study-fold1/a"))
+    tracker.log_metrics(left_open, {"val_mae": 3.0, "train_loss": 1.0}, step=1)
+    tracker.end_run(finished)
+    history = pd.DataFrame({"epoch": [1, 2], "val_mae": [3.0, 2.0], "train_loss": [1.0, 0.5],
+                            "task_loss": [1.0, 0.5], "l2sp_term": [0.0, 0.0],
+                            "bss_term": [0.0, 0.0], "lr": [1e-3, 1e-3]})
+
+    def result(trial_id: str):
+        return SimpleNamespace(metrics={"trial_id": trial_id}, metrics_dataframe=history,
+                               error=None, checkpoint=None)
+
+    assert complete_trial_runs(tracker, parent, "val_mae", [result("a"), result("b")]) == 1
+    client = MlflowClient(uri)
+    run = client.get_run(left_open)
+    assert run.info.status == "FINISHED"
+    steps = sorted((m.step, m.value) for m in client.get_metric_history(left_open, "val_mae"))
+    assert steps == [(1, 3.0), (2, 2.0)]  # epoch 1 not logged twice
+    assert {a.path for a in client.list_artifacts(left_open)} == {"history.csv",
+                                                                   "learning_curve.png"}
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert not client.list_artifacts(finished)
+    assert client.get_run(other_fold).info.status == "RUNNING"
+    assert complete_trial_runs(tracker, parent, "val_mae", [result("a")]) == 0  # idempotent

@@ -12,6 +12,7 @@ from conftest import study_folder, study_identity, write_study_yaml
 from matxfer.config import load_study_config
 from matxfer.errors import UserError
 from matxfer.search import DefineSpace, trial_run_config
+from matxfer.storage import load_checked
 
 
 @pytest.fixture
@@ -167,6 +168,12 @@ def test_study_on_local_ray_with_two_ddp_workers_then_resume(study_yaml, tmp_pat
         summary = json.loads((out / "summary.json").read_text())
         assert summary["mean"] == pytest.approx(result["test_mae"]) and summary["std"] == 0.0
         assert list(table["fold"]) == [0]
+        # every epoch's checkpoint holds the state to resume from, except the last epoch's
+        kept = list((tmp_path / "ray").glob("*-train/*/checkpoint_*"))
+        assert kept
+        for ckpt in kept:
+            epochs = len(load_checked(ckpt / "checkpoint.pt")["history"])
+            assert (ckpt / "resume.pt").is_file() == (epochs < 2), ckpt
         trials = pd.read_csv(out / "fold0" / "trials.csv")
         assert len(trials) == 2
         best = trials.loc[trials["best_val"].idxmin()]  # the selected trial: best validation

@@ -9,6 +9,8 @@ interaction product outputs it concatenates), restricted to their invariant (0e)
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import os
 import re
@@ -100,6 +102,39 @@ def mace_features(net: nn.Module, batch: dict) -> list[torch.Tensor]:
     return feats
 
 
+def load_mace_file(path: Path) -> nn.Module:
+    """The MACE model pickled in `path` (UserError, one line, when it is not one)."""
+    try:
+        net = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"cannot load MACE model {str(path)!r}: {err}") from None
+    if not isinstance(net, nn.Module) or not hasattr(net, "interactions"):
+        raise UserError(f"{str(path)!r} does not hold a MACE model")
+    return net
+
+
+def random_twin(path: Path, seed: int) -> nn.Module:
+    """MACE's constructor on the config of the model in `path`, seeded: the same
+    architecture, randomly initialised. Constructing takes seconds (e3nn's code generation),
+    so a process builds each (file, seed) once and copies it: a random-init study's trials
+    reuse their process."""
+    stat = path.stat()
+    return copy.deepcopy(_built_twin(str(path), (stat.st_size, stat.st_mtime_ns), seed,
+                                     torch.get_default_dtype()))
+
+
+@functools.lru_cache(maxsize=2)
+def _built_twin(path: str, stamp: tuple[int, int], seed: int,
+                default_dtype: torch.dtype) -> nn.Module:  # built under that default dtype
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    net = load_mace_file(Path(path))
+    cfg = extract_config_mace_model(net)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return type(net)(**cfg)
+
+
 class MaceFamily(Family):
     """Block 0 embeds elements and distances; block i + 1 is interaction i with its product."""
 
@@ -114,19 +149,7 @@ class MaceFamily(Family):
     def load(self, source: str, init: str = "pretrained", seed: int = 0,
              dtype: torch.dtype = torch.float32) -> nn.Module:
         path = resolve_model_path(source)
-        try:
-            net = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise UserError(f"cannot load MACE model {str(path)!r}: {err}") from None
-        if not isinstance(net, nn.Module) or not hasattr(net, "interactions"):
-            raise UserError(f"{str(path)!r} does not hold a MACE model")
-        if init == "random":
-            from mace.tools.scripts_utils import extract_config_mace_model
-
-            cfg = extract_config_mace_model(net)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                net = type(net)(**cfg)
+        net = random_twin(path, seed) if init == "random" else load_mace_file(path)
         return self.freeze_unused(net).to(dtype)
 
     def graph_spec(self, net: nn.Module) -> GraphSpec:
