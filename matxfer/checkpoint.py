@@ -19,6 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from matxfer import __version__
+from matxfer.backbones.quiet_mace import import_mace
 from matxfer.backbones.registry import architecture, build_backbone
 from matxfer.config import DataConfig, ModelConfig, RunConfig, format_validation_error
 from matxfer.errors import UserError
@@ -235,6 +236,7 @@ def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
     try:
         verify(old_path)
         # the one trusted, code-running load: the caller vouches for this old file
+        import_mace()
         old = torch.load(old_path, map_location="cpu", weights_only=False)
         if isinstance(old, dict) and old.get("format_version") is not None:
             raise UserError(f"{str(old_path)!r} is already in format "

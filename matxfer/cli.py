@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gloo CPU workers even if the YAML asks for GPUs (locally at most "
                       "this machine's cores per worker)")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    tune.add_argument("--dashboard", action="store_true", default=None,
+                      help="start Ray's dashboard with the local Ray instance "
+                      "(http://127.0.0.1:8265; always on for DDP trials)")
     tune.add_argument("--check", action="store_true",
                       help="check everything that can be checked without training, print the "
                       "plan, exit 0 when the study could start (2 otherwise)")
@@ -187,6 +190,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TUNE_FLAGS.items()}
     overrides["folds"] = args.folds
+    overrides["dashboard"] = args.dashboard
     if args.cpu:
         overrides["scaling.use_gpu"] = False
     study = load_study_config(args.config, overrides, args.variant)

@@ -407,6 +407,9 @@ class StudyConfig(_Strict):
         None, description="pin this study's result folder (instead of the fingerprint "
         "folder under output_dir); a study with other settings there is refused")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    dashboard: bool = Field(
+        False, description="start Ray's dashboard with a local Ray instance (always for DDP "
+        "trials: Ray Train needs it); a cluster keeps its own")
     scheduling_timeout_s: float = Field(
         300.0, ge=30.0, description="stop with the reason (exit 2) when no trial's workers "
         "could be placed and no result arrived for this long, seconds")

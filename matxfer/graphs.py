@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from matxfer.backbones.quiet_mace import import_mace
 from matxfer.config import DataConfig
 from matxfer.datasets.loading import source_id, stream_rows
 from matxfer.errors import UserError
@@ -154,6 +155,7 @@ def structure_graph(structure, mbid: str, z_table: Sequence[int], cutoff: float)
     Returns (species [n], positions [n,3] Å, edge_index [2,E], shifts [E,3] Å).
     Raises UserError naming the structure and element when the model lacks an element.
     """
+    import_mace()
     from mace.data.neighborhood import get_neighborhood
 
     z_index = {z: i for i, z in enumerate(z_table)}

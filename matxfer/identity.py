@@ -26,8 +26,8 @@ STUDY_FILE = "study.json"
 # Settings that never change what a study computes: where things go, how fast or how
 # parallel it runs, how it is tracked. Everything else is part of the fingerprint.
 NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "study_dir",
-           "tracking", "scheduling_timeout_s", "scaling.use_gpu", "scaling.cpus_per_worker",
-           "scaling.gpus_per_worker",
+           "tracking", "scheduling_timeout_s", "dashboard", "scaling.use_gpu",
+           "scaling.cpus_per_worker", "scaling.gpus_per_worker",
            "run.data.fold", "run.data.data_dir", "run.data.cache_dir", "run.model.source",
            "run.model.kernels", "run.train.threads", "run.train.device", "run.train.compile",
            "run.train.prefetch_batches", "run.model.physics.batch_atoms")

@@ -22,9 +22,8 @@ from matxfer.config import DataConfig, RunConfig, StudyConfig
 from matxfer.datasets.matbench import local_data_file
 from matxfer.datasets.sources import source_format, source_sha256
 from matxfer.errors import UserError
-from matxfer.graphs import GraphSpec
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
-from matxfer.model import block_names, family_of_net, graph_spec, weights_file
+from matxfer.model_facts import ModelFacts, model_facts
 from matxfer.run import check_free_space, check_writable
 from matxfer.scheduling import (
     describe_nodes,
@@ -36,19 +35,6 @@ from matxfer.tracking import check_reachable, file_sha256, resolve_tracking_uri
 
 MARGIN = 16 * 2**20  # bytes kept free beyond the estimated results
 LOCAL_CPUS = os.cpu_count() or 1  # what tune.init_ray gives a local instance
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the checks need to know of the backbone, without building a PropertyModel."""
-
-    path: Path
-    sha256: str
-    n_params: int
-    n_bytes: int  # float32 training copy, bytes
-    n_blocks: int  # model.block_names: freezing, LR decay, drift, layers
-    graph: GraphSpec  # element table, cutoff, dtype, kind: how its graphs are built
-    family: str  # matxfer.backbones: mace or chgnet
 
 
 @dataclass
@@ -67,20 +53,6 @@ class Plan:
     def raise_problems(self) -> None:
         if self.problems:
             raise UserError("; ".join(self.problems))
-
-
-@lru_cache(maxsize=4)
-def model_facts(source: str, dtype: str = "float32") -> ModelFacts:
-    """Weights file, parameter count, blocks and graph settings of a model.source (loaded
-    once per process)."""
-    from matxfer.model import load_backbone
-
-    path = weights_file(source)
-    backbone = load_backbone(source, dtype=getattr(torch, dtype))
-    n_params = sum(p.numel() for p in backbone.parameters())
-    return ModelFacts(path, file_sha256(str(path)), n_params, 4 * n_params,
-                      len(block_names(backbone)), graph_spec(backbone),
-                      family_of_net(backbone).name)
 
 
 @lru_cache(maxsize=4)
@@ -143,7 +115,7 @@ def preflight_run(cfg: RunConfig) -> ModelFacts:
     problems = data_problems(cfg.data) + compute_problems(cfg)
     facts = None
     try:
-        facts = model_facts(cfg.model.source, cfg.model.dtype)
+        facts = model_facts(cfg.model.source, cfg.model.dtype, cfg.data.cache_dir)
     except UserError as err:
         problems.append(str(err))
     if facts is not None and cfg.strategy.freeze_blocks > facts.n_blocks:
@@ -210,7 +182,7 @@ def check_data(plan: Plan) -> str:
 def check_model(plan: Plan) -> str:
     cfg = plan.study.run.model
     try:
-        facts = model_facts(cfg.source, cfg.dtype)
+        facts = model_facts(cfg.source, cfg.dtype, plan.study.run.data.cache_dir)
     except UserError as err:
         plan.problems.append(str(err))
         return "missing"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from matxfer.backbones.quiet_mace import import_mace
 from matxfer.config import RunConfig, TrainConfig
 from matxfer.datasets.splits import FoldSplit
 from matxfer.graphs import GraphSet, epoch_batches, iterate_batches
@@ -254,6 +255,7 @@ def zero_shot(raw: PropertyModel, data: FoldData, cfg: RunConfig, device,
 def compiled(model: nn.Module, backend: str) -> nn.Module:
     """torch.compile for the training step: shapes change every batch, so dynamic; the
     backbone must come from model.compile_ready (build_model(..., for_compile=True))."""
+    import_mace()
     from mace.tools.compile import configure_autograd_for_compile
 
     configure_autograd_for_compile()

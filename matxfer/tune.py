@@ -51,10 +51,17 @@ from matxfer.trial_logger import TrialLogger, complete_trial_runs
 # A Ray Train worker group may take longer than Train's 30 s default to start on a loaded
 # machine; a local instance's processes inherit this (a cluster keeps its own settings).
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
+# Ray starts a worker per CPU for the first driver's tasks; Tune's trial actors and Train's
+# workers carry their own runtime env and never use them, and on a small machine their
+# start-up takes CPU from the first trial's.
+NO_PRESTART = {"prestart_worker_first_driver": False}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Attach to a cluster (address or RAY_ADDRESS) or start a local instance, dashboard on."""
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             dashboard: bool = True) -> None:
+    """Attach to a cluster (address or RAY_ADDRESS) or start a local instance, with Ray's
+    dashboard (http://127.0.0.1:8265) when `dashboard`: its head and modules are some ten
+    processes that take seconds of a small machine's start-up."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -63,9 +70,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:  # "local": never attach to a stray cluster named in /tmp/ray
         num_cpus = num_cpus or LOCAL_CPUS  # coordinators take none (scheduling.py)
         with pinned_local_address(), scoped_env(LOCAL_INSTANCE_ENV), quiet_ray_output():
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                      _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     log_to_driver=False)
+                     log_to_driver=False, _system_config=NO_PRESTART)
 
 
 @contextlib.contextmanager
@@ -282,7 +289,8 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     cache = build_graph_cache(study, plan)  # bad data stops here: nothing written yet
     opening = open_tracker(study)  # an unreachable server fails here, before Ray starts
     claim_folder(plan.ident)
-    init_ray(address)
+    # Ray Train's worker groups (DDP trials) free their resources through the dashboard
+    init_ray(address, dashboard=study.dashboard or study.scaling.num_workers > 1)
     tracker = opening()  # a SQLite store was opened meanwhile
     records = [run_fold(study, plan.ident, fold, tracker, cache) for fold in study.folds]
     table = summarize(study, plan.ident.folder, records)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import matxfer.backbones.quiet_mace  # noqa: F401  (imports mace quietly, before e3nn)
 from matxfer.backbones.base import Family
+from matxfer.backbones.quiet_mace import import_mace
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSpec
 
@@ -30,6 +30,7 @@ SHARED_MODELS = Path("shared") / "models"
 
 def mace_names() -> list[str]:
     """The foundation-model names mace's own `mace_mp` downloads."""
+    import_mace()
     from mace.calculators.foundations_models import mace_mp_names
 
     return [n for n in mace_mp_names if n]
@@ -60,6 +61,7 @@ def resolve_model_path(source: str) -> Path:
                             f"name; allowed names: {', '.join(names)}, chgnet, chgnet-0.3.0, "
                             "chgnet-0.2.0")
         return path
+    import_mace()
     from mace.calculators.foundations_models import download_mace_mp_checkpoint
 
     try:  # users outside this machine: mace's own cache, downloaded once
@@ -73,6 +75,7 @@ def resolve_model_path(source: str) -> Path:
 def scalar_slices(net: nn.Module) -> list[tuple[slice, list[int]]]:
     """Per interaction layer: its span in MACE's concatenated `node_feats`, and the
     invariant (0e) columns within it."""
+    import_mace()
     from e3nn import o3
 
     out, start = [], 0
@@ -104,6 +107,7 @@ def mace_features(net: nn.Module, batch: dict) -> list[torch.Tensor]:
 
 def load_mace_file(path: Path) -> nn.Module:
     """The MACE model pickled in `path` (UserError, one line, when it is not one)."""
+    import_mace()
     try:
         net = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -173,6 +177,7 @@ class MaceFamily(Family):
 def compile_ready(net: nn.Module) -> nn.Module:
     """The same MACE rebuilt without e3nn's TorchScript code generation and fx-simplified
     (mace.tools.compile.prepare), so torch.compile can trace it; identical state dict."""
+    import_mace()
     from mace.tools.compile import prepare
     from mace.tools.scripts_utils import extract_config_mace_model
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import matxfer.backbones.quiet_mace  # noqa: F401  (imports mace quietly, before e3nn)
+from matxfer.backbones.quiet_mace import import_mace
 
 MACE_MODELS = ("ScaleShiftMACE", "MACE")
 
@@ -30,6 +30,7 @@ def _gates() -> dict[str, Any]:
 
 def encode(value: Any) -> Any:
     """mace's architecture config -> JSON-able values (the inverse is `decode`)."""
+    import_mace()
     from e3nn import o3
 
     if value is None or type(value) in (bool, int, float, str):
@@ -56,6 +57,7 @@ def encode(value: Any) -> Any:
 
 def decode(value: Any) -> Any:
     """JSON-able values -> mace's architecture config (Irreps, MACE classes, functions)."""
+    import_mace()
     from e3nn import o3
 
     if isinstance(value, list):
@@ -88,6 +90,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def mace_class(name: str) -> type:
     """A MACE model or block class by name, looked up in mace.modules only (never imported by
     a path the file chooses)."""
+    import_mace()
     import mace.modules
     import mace.modules.blocks
 
@@ -100,6 +103,7 @@ def mace_class(name: str) -> type:
 
 def architecture(backbone: torch.nn.Module) -> dict:
     """{class, dtype, config}: what rebuilds `backbone` with `build_backbone`."""
+    import_mace()
     from mace.tools.scripts_utils import extract_config_mace_model
 
     name = next((c.__name__ for c in type(backbone).__mro__ if c.__name__ in MACE_MODELS), None)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from matxfer.backbones.mace_elements import _Features
+from matxfer.backbones.quiet_mace import import_mace
 from matxfer.errors import UserError
 
 _SYMMETRIC = re.compile(r"^products\.(\d+)\.symmetric_contractions\.weight$")
@@ -41,6 +42,7 @@ def _cueq_twin(full: nn.Module) -> nn.Module:
     import contextlib
     import io
 
+    import_mace()
     from mace.cli.convert_e3nn_cueq import run
 
     previous = torch.get_default_dtype()  # run() sets the default dtype to the model's
@@ -55,6 +57,7 @@ def _contraction_maps(full: nn.Module) -> dict[int, tuple[list[str], torch.Tenso
     """Per product block: the e3nn weight names concatenated (along axis 1) into the twin's
     symmetric-contraction weight, and the projection [a, b] applied after (None: none)."""
     import cuequivariance as cue
+    import_mace()
     from e3nn import o3
     from mace.cli.convert_e3nn_cueq import get_kmax_pairs
     from mace.tools.cg import O3_e3nn

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from matxfer.backbones.quiet_mace import import_mace
+
 
 @dataclass(frozen=True)
 class Gather:
@@ -51,6 +53,7 @@ def _row_select(local: torch.Tensor, numel: int, columns: torch.Tensor,
 
 def _restricted_twin(full: nn.Module, elements: Sequence[int]) -> nn.Module:
     """A fresh MACE of the same architecture whose element tables hold only `elements`."""
+    import_mace()
     from mace.tools.scripts_utils import extract_config_mace_model
 
     index = [int(z) for z in full.atomic_numbers]
@@ -68,6 +71,7 @@ def _restricted_twin(full: nn.Module, elements: Sequence[int]) -> nn.Module:
 def _copy_elements(twin: nn.Module, full: nn.Module, elements: Sequence[int]) -> dict:
     """MACE's own restriction of `full` into `twin` (in place: it also copies non-parameter
     attributes such as avg_num_neighbors); returns the twin's parameters by name."""
+    import_mace()
     from mace.tools.finetuning_utils import load_foundations_elements
     from mace.tools.scripts_utils import extract_config_mace_model
     from mace.tools.utils import AtomicNumberTable

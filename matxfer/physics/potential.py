@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from matxfer.backbones.quiet_mace import import_mace
+
 
 @dataclass
 class Frame:
@@ -71,6 +73,7 @@ class Potential:
 
     def edges(self, frame: Frame, skin: float) -> Edges:
         """Neighbours within r_max + skin (copies moved by less than skin/2 stay exact)."""
+        import_mace()
         from mace.data.neighborhood import get_neighborhood
 
         cell = frame.cell if any(frame.pbc) else None
