@@ -122,6 +122,20 @@ def test_variants_are_config_changes(study_yaml):
         load_study_config(study_yaml, variant="best")
 
 
+def test_the_dashboard_flag_is_a_setting_of_the_run_not_of_the_study(study_yaml):
+    """`--dashboard` starts Ray's dashboard with a local instance; the study (its
+    fingerprint, so what it reuses and where its results go) stays the same."""
+    from matxfer.cli import build_parser
+
+    args = build_parser().parse_args(["tune", str(study_yaml), "--dashboard"])
+    assert args.dashboard is True
+    assert build_parser().parse_args(["tune", str(study_yaml)]).dashboard is None
+    assert load_study_config(study_yaml).dashboard is False
+    assert load_study_config(study_yaml, {"dashboard": True}).dashboard is True
+    assert study_identity(study_yaml, dashboard=True).fingerprint == \
+        study_identity(study_yaml).fingerprint
+
+
 def test_every_shipped_study_config_loads():
     from pathlib import Path
 
