@@ -172,13 +172,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from matxfer.config import load_config
+    from matxfer.model_facts import keep_facts
     from matxfer.preflight import preflight_run
     from matxfer.run import run_finetune
 
     overrides = {path: getattr(args, flag) for flag, (path, _) in TRAIN_FLAGS.items()}
     cfg = load_config(args.config, overrides)
-    preflight_run(cfg)  # files, packages, devices: every problem at once, before any work
+    facts = preflight_run(cfg)  # files, packages, devices: every problem at once, first
     record = run_finetune(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    keep_facts(facts, cfg.data.cache_dir)
     print(json.dumps(record, indent=2))
     return 0
 

@@ -1,7 +1,8 @@
 """What the checks need to know of a backbone (weights file, size, blocks, how its graphs are
 built), without building a PropertyModel. A MACE model's facts are kept beside the graph
 caches, keyed by the SHA-256 of its file: a later plan of the same model neither loads it nor
-imports mace (seconds of a study's start-up)."""
+imports mace (seconds of a study's start-up). They are written only after a run's checks
+passed and its data was read (`keep_facts`): a refused command writes nothing."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def model_facts(source: str, dtype: str = "float32", cache_dir: str | None = Non
                 ) -> ModelFacts:
     """Weights file, parameter count, blocks and graph settings of a model.source: stored
     ones for this file's SHA-256 (under `cache_dir`, default the graph cache folder), else
-    from the loaded model (then stored, for a MACE)."""
+    from the loaded model (`keep_facts` stores them once the run may go ahead)."""
     path = weights_file(source)
     sha = file_sha256(str(path))
     where = facts_file(cache_dir, sha, dtype)
@@ -50,8 +51,14 @@ def model_facts(source: str, dtype: str = "float32", cache_dir: str | None = Non
         n_params = sum(p.numel() for p in backbone.parameters())
         facts = ModelFacts(path, sha, n_params, 4 * n_params, len(block_names(backbone)),
                            graph_spec(backbone), family_of_net(backbone).name)
-        write_facts(where, facts)
     return facts
+
+
+def keep_facts(facts: ModelFacts, cache_dir: str | None = None) -> None:
+    """Store a model's facts for later plans (unless these very facts are stored already)."""
+    where = facts_file(cache_dir, facts.sha256, str(facts.graph.dtype).removeprefix("torch."))
+    if read_facts(where, facts.path, facts.sha256) != facts:
+        write_facts(where, facts)
 
 
 def facts_file(cache_dir: str | None, sha256: str, dtype: str) -> Path:

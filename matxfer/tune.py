@@ -22,6 +22,7 @@ from matxfer.datasets.loading import fold_split
 from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
 from matxfer.identity import StudyIdentity, claim_folder
+from matxfer.model_facts import keep_facts
 from matxfer.physics.cache import descriptor_table
 from matxfer.preflight import LOCAL_CPUS, Plan, preflight
 from matxfer.progress import StudyProgress, quiet_ray_output
@@ -287,6 +288,7 @@ def run_study(study: StudyConfig, address: str | None = None) -> pd.DataFrame:
     print("\n".join(plan.lines), flush=True)
     plan.raise_problems()
     cache = build_graph_cache(study, plan)  # bad data stops here: nothing written yet
+    keep_facts(plan.model, study.run.data.cache_dir)
     opening = open_tracker(study)  # an unreachable server fails here, before Ray starts
     claim_folder(plan.ident)
     # Ray Train's worker groups (DDP trials) free their resources through the dashboard

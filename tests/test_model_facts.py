@@ -1,17 +1,18 @@
-"""A model's facts (what the preflight plans with) are kept by the SHA-256 of its weights: a
-later plan neither loads the model nor imports mace, and stored facts are only trusted when
-they are this file's, in this layout, from this matxfer version."""
+"""A model's facts (what the preflight plans with) are kept by the SHA-256 of its weights once
+a run went ahead: a later plan neither loads the model nor imports mace, and stored facts are
+only trusted when they are this file's, in this layout, from this matxfer version."""
 
 import json
 import subprocess
 import sys
 
-from matxfer.model_facts import facts_file, model_facts
+from matxfer.model_facts import facts_file, keep_facts, model_facts
 
 FRESH = """
 import sys
-from matxfer.model_facts import model_facts
+from matxfer.model_facts import keep_facts, model_facts
 facts = model_facts("small", "float32", sys.argv[1])
+keep_facts(facts, sys.argv[1])
 print(facts.n_params, facts.n_blocks, facts.graph.cutoff, facts.graph.dtype, facts.family,
       len(facts.graph.z_table), any(m == "mace" or m.startswith("mace.") for m in sys.modules))
 """
@@ -36,6 +37,8 @@ def test_facts_of_another_file_or_version_are_not_trusted(tmp_path):
     model_facts.cache_clear()
     facts = model_facts("small", "float32", str(tmp_path))
     where = facts_file(str(tmp_path), facts.sha256, "float32")
+    assert not where.exists()  # the plan itself writes nothing
+    keep_facts(facts, str(tmp_path))
     stored = json.loads(where.read_text())
     for key, wrong in (("sha256", "0" * 64), ("matxfer", "0.0.0-other"), ("format", 0)):
         where.write_text(json.dumps({**stored, key: wrong, "n_params": 1}))
@@ -44,6 +47,7 @@ def test_facts_of_another_file_or_version_are_not_trusted(tmp_path):
     where.write_text("{not json")
     model_facts.cache_clear()
     assert model_facts("small", "float32", str(tmp_path)) == facts
+    keep_facts(facts, str(tmp_path))
     assert json.loads(where.read_text()) == stored  # rewritten from the loaded model
 
 
