@@ -7,8 +7,6 @@ passed and its data was read (`keep_facts`): a refused command writes nothing.""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from matxfer import __version__
 from matxfer.graphs import GraphSpec, default_cache_dir
 from matxfer.model import block_names, family_of_net, graph_spec, load_backbone, weights_file
+from matxfer.storage import atomic_write
 from matxfer.tracking import file_sha256
 
 FACTS_FORMAT = 1  # the stored facts' layout; with the matxfer version, part of their check
@@ -92,13 +91,8 @@ def write_facts(where: Path, facts: ModelFacts) -> None:
               "n_params": facts.n_params, "n_blocks": facts.n_blocks,
               "z_table": list(graph.z_table), "cutoff": graph.cutoff,
               "graph_dtype": str(graph.dtype).removeprefix("torch."), "family": facts.family}
-    tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=where.parent, prefix=f".{where.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, where)
+        atomic_write(where, lambda fh: fh.write(json.dumps(record).encode()))
     except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        pass  # not stored: the next plan loads the model again

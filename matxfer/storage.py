@@ -48,7 +48,9 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(binary file)` into a temporary file beside `path`, then rename it to `path`: a
+    killed writer leaves no partial file under the final name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -66,9 +68,9 @@ def save_checked(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar(path).unlink(missing_ok=True)  # an old sidecar must not vouch for the new file
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
     line = f"{sha256_file(path)}  {path.name}\n".encode()
-    _atomic_write(sidecar(path), lambda fh: fh.write(line))
+    atomic_write(sidecar(path), lambda fh: fh.write(line))
 
 
 def verify(path: str | Path) -> None:

@@ -1,6 +1,7 @@
 """The search service: one Ray Tune study (Optuna TPE + ASHA) per task and fold.
 
-Every trial is a Ray Train run (distributed.py). After a fold's study, the best trial by
+A one-worker trial trains in its own Tune trial process; a trial of several workers is a Ray
+Train (DDP) run (distributed.py). After a fold's study, the best trial by
 validation is evaluated once on the test fold, reusing its best checkpoint: a refit on the
 whole training fold would leave early stopping without a validation split, and the checkpoint
 is exactly the model the search selected.
@@ -251,8 +252,8 @@ def fit_fold(study: StudyConfig, fold: int, name: str, parent_id: str | None,
     callbacks = [StudyProgress(fold, f"val_{spec.metric}", mode, study.num_samples,
                                epochs=study.run.train.epochs),
                  SchedulingWatchdog(per_worker_resources(s.cpus_per_worker, s.use_gpu),
-                                    s.num_workers, timeout_s=study.scheduling_timeout_s)]
-    callbacks.append(EvaluationWarmup())
+                                    s.num_workers, timeout_s=study.scheduling_timeout_s),
+                 EvaluationWarmup()]
     if tracker:
         callbacks.append(TrialLogger(tracker, parent_id, study, fold, name))
     try:
