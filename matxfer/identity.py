@@ -23,11 +23,12 @@ from matxfer.errors import UserError
 
 STUDY_FILE = "study.json"
 
-# Settings that never change what a study computes: where things go, how fast or how
-# parallel it runs, how it is tracked. Everything else is part of the fingerprint.
+# Settings that never change what a study computes: where things go, where the data and
+# weights lie (they enter by content hash), how fast or how parallel it runs, how it is
+# tracked. Everything else is part of the fingerprint.
 NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "study_dir",
            "tracking", "scheduling_timeout_s", "dashboard", "scaling.use_gpu",
-           "scaling.cpus_per_worker", "scaling.gpus_per_worker",
+           "scaling.cpus_per_worker", "scaling.gpus_per_worker", "run.data.source.path",
            "run.data.fold", "run.data.data_dir", "run.data.cache_dir", "run.model.source",
            "run.model.kernels", "run.train.threads", "run.train.device", "run.train.compile",
            "run.train.prefetch_batches", "run.model.physics.batch_atoms")
