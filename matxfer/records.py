@@ -12,27 +12,40 @@ import pandas as pd
 
 from matxfer.config import StudyConfig
 from matxfer.datasets.matbench import load_task, official_fold
+from matxfer.storage import atomic_write
 from matxfer.tasks import get_task
 
 
 def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFrame:
-    """Per-fold table plus mean ± std of the test metric, written to the study's folder `out`
-    (its fold<k>/ hold the per-fold results), with the Matbench record when complete."""
+    """Per-fold table plus mean ± std of the test metric over every finished fold of the
+    study in `out` (its fold<k>/result.json of the same fingerprint as `records`, this run's
+    folds), written there with the folds it holds, with the Matbench record when complete."""
     spec = study.run.data.spec
+    before = summary_folds(out)
+    records = study_records(out, records)
     table = pd.DataFrame(records)
     test = table[f"test_{spec.metric}"].to_numpy()
+    folds = [int(k) for k in table["fold"]]
     complete = (study.run.data.max_structures is None and not spec.custom
-                and sorted(table["fold"]) == list(range(5)))
+                and folds == list(range(5)))
     summary = {"task": spec.name, "variant": study.name, "metric": f"test_{spec.metric}",
+               "fingerprint": records[0].get("fingerprint"),
                "matbench_record": "matbench_results.json" if complete else None,
                **({"matbench_record_note": "your own data: a Matbench record needs a Matbench "
                    "task and its official folds"} if spec.custom else {}),
-               "unit": spec.unit, "folds": table["fold"].tolist(),
+               "unit": spec.unit, "folds": folds,
+               "missing_folds": [k for k in range(study.run.data.n_folds) if k not in folds],
                "mean": float(np.mean(test)), "std": float(np.std(test)),
                "per_fold": records}
+    gone = sorted(set(before) - set(folds))
+    if gone:
+        print(f"summary: {out / 'summary.json'} held fold{'s' * (len(gone) > 1)} "
+              f"{', '.join(map(str, gone))}, which no result.json of this study holds any more; "
+              f"it now holds fold(s) {', '.join(map(str, folds))}")
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "summary.csv", lambda fh: fh.write(table.to_csv(index=False).encode()))
+    atomic_write(out / "summary.json",
+                 lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()))
     if complete:  # matbench records (and validates) all five full folds, nothing less
         write_matbench_record(
             spec.name,
@@ -42,6 +55,31 @@ def summarize(study: StudyConfig, out: Path, records: list[dict]) -> pd.DataFram
              for r in table.itertuples()},
             out / "matbench_results.json", study.run.data.data_dir)
     return table
+
+
+def study_records(out: Path, records: list[dict]) -> list[dict]:
+    """Every finished fold of the study in `out`, by fold: `records` (this run's folds) and
+    the fold<k>/result.json files of the same fingerprint that earlier runs wrote."""
+    fingerprint = records[0].get("fingerprint") if records else None
+    by_fold: dict[int, dict] = {}
+    for path in sorted(out.glob("fold*/result.json")) if fingerprint else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            print(f"summary: {path} is unreadable; its fold is left out of the summary")
+            continue
+        if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
+            by_fold[int(record["fold"])] = record
+    by_fold.update({int(r["fold"]): r for r in records})
+    return [by_fold[k] for k in sorted(by_fold)]
+
+
+def summary_folds(out: Path) -> list[int]:
+    """The folds the summary in `out` holds (none when there is none or it is unreadable)."""
+    try:
+        return [int(k) for k in json.loads((out / "summary.json").read_text())["folds"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def write_matbench_record(task_name: str, folds: dict[int, pd.DataFrame], params: dict[int, dict],
