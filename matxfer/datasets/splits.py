@@ -13,6 +13,7 @@ classification needs StratifiedGroupKFold, so scikit-learn is used directly.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -69,7 +70,10 @@ def outer_folds(targets: np.ndarray, groups: Sequence | None, split: SplitConfig
 
     n, k = len(targets), split.k
     if split.method == "column":
-        return _label_folds(groups, k)
+        folds = _label_folds(groups, k)
+        if classification:
+            check_fold_classes(targets, folds, k)
+        return folds
     if n < 2 * k:
         raise UserError(f"{n} rows cannot make {k} folds (need at least {2 * k}); lower split.k")
     if classification and len(np.unique(targets)) < 2:
@@ -87,7 +91,24 @@ def outer_folds(targets: np.ndarray, groups: Sequence | None, split: SplitConfig
     folds = np.empty(n, dtype=np.int64)
     for fold, (_, test) in enumerate(cv.split(np.zeros(n), labels, groups)):
         folds[test] = fold
+    if classification:
+        check_fold_classes(targets, folds, k)
     return folds
+
+
+def check_fold_classes(targets: np.ndarray, folds: np.ndarray, k: int) -> None:
+    """Every test fold must hold both classes (else its ROC-AUC is undefined): UserError
+    with the class counts of every fold."""
+    ones = np.bincount(folds[targets == 1], minlength=k)
+    zeros = np.bincount(folds[targets != 1], minlength=k)
+    short = [(f, c) for f in range(k) for c, n in ((1, ones[f]), (0, zeros[f])) if n == 0]
+    if short:
+        fold, label = short[0]
+        counts = ", ".join(f"{a}/{b}" for a, b in zip(ones, zeros))
+        raise UserError(f"classification: class counts per test fold (class 1/class 0): "
+                        f"{counts}; fold {fold} has 0 of class {label}, so its ROC-AUC is "
+                        f"undefined: lower split.k (class 1 has {int(ones.sum())} rows, class "
+                        f"0 {int(zeros.sum())}) or add rows of the rarer class")
 
 
 def _label_folds(labels: Sequence, k: int) -> np.ndarray:
@@ -107,14 +128,7 @@ def validation_pick(train: list[str], targets: np.ndarray, groups: Sequence | No
     rng = np.random.default_rng(seed)
     n_val = min(max(1, round(fraction * len(train))), len(train) - 1)
     if groups is not None:
-        names = sorted(set(groups))
-        picked: set = set()
-        for g in (names[i] for i in rng.permutation(len(names))):
-            if sum(1 for x in groups if x in picked) >= n_val:
-                break
-            picked.add(g)
-        val = [i for i, g in zip(train, groups) if g in picked]
-        return val if len(val) < len(train) else val[:n_val]
+        return _group_pick(train, groups, n_val, rng)
     if classification:
         val: list[str] = []
         for label in np.unique(targets):
@@ -123,6 +137,27 @@ def validation_pick(train: list[str], targets: np.ndarray, groups: Sequence | No
             val += [members[j] for j in rng.permutation(len(members))[:share]]
         return val
     return [train[i] for i in rng.permutation(len(train))[:n_val]]
+
+
+def _group_pick(train: list[str], groups: Sequence, n_val: int,
+                rng: np.random.Generator) -> list[str]:
+    """Whole groups in a seeded order until validation holds `n_val` rows, skipping a group
+    that would take it past twice `n_val` (or all of train): never a group cut in two."""
+    sizes = Counter(groups)
+    names, limit = sorted(sizes), min(2 * n_val, len(train) - 1)
+    picked, total = set(), 0
+    for g in (names[i] for i in rng.permutation(len(names))):
+        if total >= n_val:
+            break
+        if total + sizes[g] <= limit:
+            picked.add(g)
+            total += sizes[g]
+    if not picked:
+        raise UserError(f"the validation split takes whole groups of at most {limit} rows "
+                        f"(twice data.val_fraction of the training part's {len(train)}), but "
+                        f"its {len(names)} group(s) have {min(sizes.values())} rows or more: "
+                        "raise data.val_fraction, lower split.k, or split by a finer group")
+    return [i for i, g in zip(train, groups) if g in picked]
 
 
 def custom_fold_split(ids: list[str], targets: np.ndarray, groups: Sequence | None,
@@ -138,4 +173,10 @@ def custom_fold_split(ids: list[str], targets: np.ndarray, groups: Sequence | No
                     if split.method.startswith("group") else None)
     val = set(validation_pick(train, targets[rows], inner_groups, data.val_fraction,
                               data.val_seed, classification))
-    return FoldSplit(spec.name, data.fold, [i for i in train if i not in val], sorted(val), test)
+    kept = [r for r in rows if ids[r] not in val]
+    if classification and len(np.unique(targets[kept])) < 2:
+        ones = int((targets[kept] == 1).sum())
+        raise UserError(f"classification: fold {data.fold}'s training part keeps {ones} of "
+                        f"class 1 and {len(kept) - ones} of class 0 after its validation split; "
+                        "lower split.k or add rows of the rarer class")
+    return FoldSplit(spec.name, data.fold, [ids[r] for r in kept], sorted(val), test)

@@ -10,7 +10,13 @@ from own_data import crystals, source
 
 from matxfer.config import DataConfig, SplitConfig
 from matxfer.datasets.loading import fold_split
-from matxfer.datasets.splits import chemsys_keys, composition_keys, outer_folds
+from matxfer.datasets.splits import (
+    chemsys_keys,
+    composition_keys,
+    custom_fold_split,
+    outer_folds,
+    validation_pick,
+)
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSpec, build_graph_set
 
@@ -124,3 +130,54 @@ def test_a_matbench_name_or_a_split_without_source_is_refused():
         DataConfig(task="matbench_jdft2d", source={"path": "x", "target": "y"})
     with pytest.raises(ValidationError, match="data.split applies to your own data"):
         DataConfig(task="matbench_jdft2d", split={"k": 3})
+
+
+def test_grouped_validation_takes_the_small_group_not_the_large_one():
+    # a training part of two formulas, 91 and 9 rows: 10% validation is the 9, whatever the seed
+    train = [f"r{i}" for i in range(100)]
+    groups = ["big"] * 91 + ["small"] * 9
+    for seed in range(10):
+        val = validation_pick(train, np.arange(100.0), groups, 0.1, seed, False)
+        assert sorted(val) == sorted(train[91:]), seed
+
+
+def test_grouped_validation_is_bounded_and_never_splits_a_group():
+    rng = np.random.default_rng(0)
+    for seed in range(40):
+        sizes = rng.integers(1, 12, size=rng.integers(3, 12))
+        groups = [f"g{j}" for j, s in enumerate(sizes) for _ in range(s)]
+        train = [f"r{i}" for i in range(len(groups))]
+        n_val = max(1, round(0.2 * len(train)))
+        try:
+            val = set(validation_pick(train, np.zeros(len(train)), groups, 0.2, seed, False))
+        except UserError:
+            continue  # every group too large for a bounded validation split: refused
+        assert 0 < len(val) <= min(2 * n_val, len(train) - 1), (sizes, seed)
+        for g in set(groups):
+            members = {i for i, x in zip(train, groups) if x == g}
+            assert members <= val or not (members & val), (sizes, seed, g)
+
+
+@pytest.mark.parametrize("groups", [["a"] * 20, ["a"] * 10 + ["b"] * 10])
+def test_groups_too_large_for_a_validation_split_are_refused_in_one_line(groups):
+    train = [f"r{i}" for i in range(len(groups))]
+    with pytest.raises(UserError, match="validation split") as err:
+        validation_pick(train, np.zeros(len(train)), groups, 0.1, 0, False)
+    assert "\n" not in str(err.value)
+
+
+def test_a_rare_class_missing_from_a_test_fold_is_refused_with_the_counts():
+    y = np.array([1.0] * 3 + [0.0] * 27)
+    with pytest.raises(UserError, match=r"class counts .*\b0 of class 1") as err:
+        outer_folds(y, None, SplitConfig(k=5), classification=True)
+    assert "\n" not in str(err.value)
+    assert outer_folds(y, None, SplitConfig(k=3), classification=True).max() == 2
+
+
+def test_a_training_part_left_with_one_class_by_its_validation_split_is_refused():
+    y = np.array([1.0] * 2 + [0.0] * 18)
+    cfg = DataConfig(task="salts", source={"path": "x", "target": "y", "kind": "classification"},
+                     split={"k": 2})
+    with pytest.raises(UserError, match="training part keeps 0 of class 1") as err:
+        custom_fold_split([f"r{i}" for i in range(20)], y, None, cfg)
+    assert "\n" not in str(err.value)
