@@ -147,6 +147,9 @@ def add_analysis_parsers(sub) -> None:
     source.add_argument("--results", help="a study output_dir instead of MLflow: reads "
                         "<task>/<variant>/fold<k>/result.json")
     report.add_argument("--tasks", nargs="+", help="rows of the table (default: tasks found)")
+    report.add_argument("--fingerprint", nargs="+", help="the study shown for a task and "
+                        "variant that holds several (a fingerprint or its first digits; "
+                        "default: the most complete, then newest)")
     report.add_argument("--out", default="runs/report", help="output folder")
     for parser in (mi, drift, report):
         parser.add_argument("--tracking-uri", help="MLflow URI ('off': no logging; default: "
@@ -186,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from matxfer.config import load_study_config
+    from matxfer.config import derive, load_study_config
     from matxfer.records import format_summary
     from matxfer.tune import attached_address, check_study, local_ray, run_study
 
@@ -198,7 +201,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     study = load_study_config(args.config, overrides, args.variant)
     cores = float(os.cpu_count() or 1)
     if args.cpu and not attached_address(args.address) and study.scaling.cpus_per_worker > cores:
-        study.scaling.cpus_per_worker = cores  # a GPU config's loader CPUs, fitted to this machine
+        # a GPU config's loader CPUs, fitted to this machine (a derived, validated config)
+        study = derive(study, {"scaling.cpus_per_worker": cores})
     if args.check:
         print(check_study(study, address=args.address))
         return 0

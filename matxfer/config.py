@@ -5,28 +5,34 @@ Every error surfaces at load time as a :class:`UserError` naming the field and w
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from matxfer.backbones.names import chgnet_version, family_of, unsupported
 from matxfer.errors import UserError
-from matxfer.physics.config import PhysicsConfig, PhysicsMode
+from matxfer.physics.config import PhysicsConfig
+from matxfer.search_space import Pooling, SearchSpace, trial_updates
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
 from matxfer.variants import VARIANTS
 
-Pooling = Literal["mean", "sum", "max", "mean+max"]
 Init = Literal["pretrained", "random"]
 TargetTransform = Literal["auto", "none", "log"]
-DATASET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# a plain folder name: never "." or "..", never hidden, never an option
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+DATASET_NAME = re.compile(NAME)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # frozen: a validated config is never changed; a derived one comes out of `derive`
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+C = TypeVar("C", bound=BaseModel)
 
 
 SourceFormat = Literal["auto", "extxyz", "ase", "ase-db", "csv", "parquet", "dataframe-json"]
@@ -92,7 +98,8 @@ class DataConfig(_Strict):
                                  "tasks use the official folds")
         elif self.task.startswith("matbench_") or not DATASET_NAME.fullmatch(self.task):
             raise ValueError(f"data.task {self.task!r} names your dataset: letters, digits, "
-                             "'_', '.', '-', not starting with 'matbench_' (Matbench's)")
+                             "'_', '.', '-', starting with a letter or digit, not with "
+                             "'matbench_' (Matbench's)")
         if self.fold >= self.n_folds:
             raise ValueError(f"data.fold {self.fold} is out of range; allowed: "
                              f"0-{self.n_folds - 1}")
@@ -216,6 +223,17 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _lp_ft_without_physics_in_the_head(self) -> RunConfig:
+        physics = self.model.physics
+        if self.strategy.lp_epochs > 0 and physics is not None and physics.mode in (
+                "features", "residual"):
+            raise ValueError(
+                f"strategy.lp_epochs {self.strategy.lp_epochs} (LP-FT) cannot be combined with "
+                f"model.physics.mode {physics.mode!r}: the linear probe fits the head on pooled "
+                "features alone; allowed: lp_epochs 0, or physics mode off or zero-shot")
+        return self
+
+    @model_validator(mode="after")
     def _no_decay_toward_zero_under_l2sp(self) -> RunConfig:
         if self.regularizers.l2sp > 0 and self.train.backbone_weight_decay > 0:
             raise ValueError(
@@ -223,6 +241,19 @@ class RunConfig(_Strict):
                 "(decay toward zero moves the L2-SP pull point away from the pretrained weights)"
             )
         return self
+
+
+def derive(config: C, updates: Mapping[str, Any]) -> C:
+    """A new config of `config`'s type: its values with the dotted `updates`, validated as a
+    whole (every cross-field rule runs again); `config` itself is never changed. A derived
+    config that breaks a rule raises UserError, one line."""
+    tree = config.model_dump()
+    for dotted, value in updates.items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return type(config).model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"invalid config: {format_validation_error(err)}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -285,84 +316,6 @@ def load_config(
         raise UserError(f"invalid config: {format_validation_error(err)}") from None
 
 
-class SearchRange(_Strict):
-    """A log-uniform range; with `allow_off`, 'off' (exactly 0) is a choice too."""
-
-    low: float = Field(gt=0.0)
-    high: float = Field(gt=0.0)
-    allow_off: bool = True
-
-    @model_validator(mode="after")
-    def _ordered(self) -> SearchRange:
-        if self.high <= self.low:
-            raise ValueError(f"high ({self.high}) must exceed low ({self.low})")
-        return self
-
-
-_SEARCH_SETTINGS = ("first_trial_off", "backbone_lr_ratio")  # how to search, not what
-
-
-class SearchSpace(_Strict):
-    """What Optuna proposes per trial; a null entry keeps the run template's value."""
-
-    l2sp: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-6, high=1e-1))
-    bss: SearchRange | None = Field(default_factory=lambda: SearchRange(low=1e-5, high=1e-1))
-    lr: SearchRange | None = Field(None, description="the head's learning rate, log-uniform")
-    backbone_lr_ratio: float = Field(
-        0.3, gt=0.0, description="with lr searched, each trial's backbone_lr = ratio x lr "
-        "(0.3: the defaults' 3e-4 / 1e-3); unused when lr is not searched")
-    lr_decay: SearchRange | None = Field(None, description="log-uniform in (0, 1]; off = 1")
-    freeze_blocks: list[int] | None = Field(None, description="choices of k")
-    lp_epochs: list[int] | None = Field(None, description="choices of LP epochs")
-    pooling: list[Pooling] | None = Field(None, description="choices of readout pooling, "
-                                          "picked per fold by validation")
-    physics: list[PhysicsMode] | None = Field(
-        None, description="choices of run.model.physics.mode (off, zero-shot, features, "
-        "residual), picked per fold by validation; needs run.model.physics.descriptors")
-    first_trial_off: bool = Field(
-        False, description="the first trial runs with every allow_off range off (plain "
-        "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too; it does "
-        "not apply (no trial is enqueued) when no searched range can be off, e.g. under the "
-        "no-reg, random-init, lp-ft, llrd, freeze and pooling variants")
-
-    @model_validator(mode="after")
-    def _valid_strategy_space(self) -> SearchSpace:
-        if self.lr_decay is not None and self.lr_decay.high > 1.0:
-            raise ValueError(f"lr_decay.high ({self.lr_decay.high}) must be at most 1")
-        for name in ("freeze_blocks", "lp_epochs"):
-            choices = getattr(self, name)
-            if choices is not None and (not choices or min(choices) < 0):
-                raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
-        if self.pooling is not None and not self.pooling:
-            raise ValueError("pooling must list one or more of mean, sum, max, mean+max")
-        return self
-
-    def first_point(self) -> dict[str, bool] | None:
-        """The Optuna parameters of the enqueued first trial, or None when first_trial_off is
-        off or does not apply (no searched range has an 'off' choice)."""
-        point = self.off_point()
-        return point if self.first_trial_off and point else None
-
-    def searched(self) -> list[str]:
-        """Names of the searched hyperparameters."""
-        return [n for n in type(self).model_fields
-                if n not in _SEARCH_SETTINGS and getattr(self, n) is not None]
-
-    def off_point(self) -> dict[str, bool]:
-        """Optuna parameters of the all-off trial: every allow_off range switched off (the
-        learning rate is never off). Its keys are the on/off switches of the space."""
-        return {f"{n}_on": False for n in self.searched() if n != "lr"
-                and isinstance(getattr(self, n), SearchRange) and getattr(self, n).allow_off}
-
-    def grid_size(self) -> int | None:
-        """Number of combinations when every searched entry is a list of choices (the space
-        is then enumerated, not sampled); None when a range is searched."""
-        entries = [getattr(self, n) for n in self.searched()]
-        if not entries or not all(isinstance(e, list) for e in entries):
-            return None
-        return math.prod(len(set(e)) for e in entries)
-
-
 class ScalingSettings(_Strict):
     """Ray Train workers per trial: one per GPU with NCCL, or gloo CPU workers."""
 
@@ -390,7 +343,7 @@ class TrackingSettings(_Strict):
 class StudyConfig(_Strict):
     """A hyperparameter study per fold of one task: the run template plus the search."""
 
-    name: str = Field("main", pattern=r"^[A-Za-z0-9_.-]+$", description="variant name")
+    name: str = Field("main", pattern=rf"^{NAME}$", description="variant name (a folder)")
     run: RunConfig = Field(default_factory=RunConfig)
     folds: list[int] | None = Field(None, description="default: every fold (Matbench 0-4, "
                                     "your data: 0 to split.k - 1)")
@@ -414,11 +367,42 @@ class StudyConfig(_Strict):
         300.0, ge=30.0, description="stop with the reason (exit 2) when no trial's workers "
         "could be placed and no result arrived for this long, seconds")
 
+    _requested_samples: int | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolved(cls, data: Any, handler) -> StudyConfig:
+        """Defaults that depend on other settings come out of validation too: every fold
+        when `folds` is absent, `num_samples` capped at the trials the space holds (each
+        grid combination once); the requested count is kept for the plan."""
+        study = handler(data)
+        fills: dict[str, Any] = {}
+        if study.folds is None:
+            fills["folds"] = list(range(study.run.data.n_folds))
+        cap = study.search.trial_cap()
+        if cap is not None and study.num_samples > cap:
+            fills["num_samples"] = cap
+        if not fills:
+            return study
+        resolved = handler({**study.model_dump(), **fills})
+        if "num_samples" in fills:
+            resolved._requested_samples = study.num_samples_requested
+        return resolved
+
+    @property
+    def num_samples_requested(self) -> int:
+        """num_samples as the config asked, before the cap of `_resolved`."""
+        return self._requested_samples or self.num_samples
+
+    def trial_config(self, fold: int, params: dict[str, Any]) -> RunConfig:
+        """The run template with this fold and one proposal of the search, by validation."""
+        return derive(self.run, {"data.fold": fold, **trial_updates(self.search, params)})
+
     @model_validator(mode="after")
     def _valid_folds(self) -> StudyConfig:
         k = self.run.data.n_folds
-        if self.folds is None:  # not an assignment: that would validate the model again
-            self.__dict__["folds"] = list(range(k))
+        if self.folds is None:  # filled by _resolved, which validates again
+            return self
         bad = [f for f in self.folds if f not in range(k)]
         if bad or not self.folds or len(set(self.folds)) != len(self.folds):
             raise ValueError(f"folds must be distinct values in 0-{k - 1}, got {self.folds}")
@@ -432,6 +416,17 @@ class StudyConfig(_Strict):
         if self.search.physics and (physics is None or not physics.descriptors):
             raise ValueError("search.physics needs run.model.physics.descriptors; allowed: "
                              "names from matxfer.physics.config.DESCRIPTORS")
+        return self
+
+    @model_validator(mode="after")
+    def _every_trial_valid(self) -> StudyConfig:
+        for params in self.search.corners():
+            try:
+                self.trial_config(self.run.data.fold, params)
+            except UserError as err:
+                where = ", ".join(f"{k}={v}" for k, v in params.items() if not k.endswith("_on"))
+                raise ValueError(f"search: a trial at {where} is not a valid run: "
+                                 f"{str(err).removeprefix('invalid config: ')}") from None
         return self
 
 
@@ -450,11 +445,6 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None,
         study = StudyConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError(f"invalid study config: {format_validation_error(err)}") from None
-    if not study.search.searched() and study.num_samples > 1:
-        study.num_samples = 1  # nothing left to search: one run per fold
-    grid = study.search.grid_size()
-    if grid is not None and study.num_samples > grid:
-        study.num_samples = grid  # choices only: each combination once, no repeats
     return study
 
 

@@ -247,7 +247,10 @@ def describe_search(plan: Plan) -> None:
     asha = (f"ASHA (grace {grace} epochs, reduction "
             f"{study.asha.reduction_factor:g})" if study.asha.enabled and study.num_samples > 1
             else "no early stopping of trials")
-    plan.add("trials", f"{study.num_samples} per fold, {asha}")
+    capped = (f" (num_samples {study.num_samples_requested} capped: the space holds "
+              f"{study.num_samples} distinct trial(s))"
+              if study.num_samples_requested != study.num_samples else "")
+    plan.add("trials", f"{study.num_samples} per fold{capped}, {asha}")
     t = study.run.train
     plan.add("budget", f"{t.epochs} epochs, batch {t.batch_size}, patience {t.patience}, "
              f"max_structures {study.run.data.max_structures}")

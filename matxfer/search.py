@@ -30,26 +30,9 @@ class DefineSpace:
 
 
 def trial_run_config(study: StudyConfig, fold: int, params: dict) -> RunConfig:
-    """The run template with this trial's fold and proposed hyperparameters."""
-    cfg = study.run.model_copy(deep=True)
-    cfg.data.fold = fold
-    for name in ("l2sp", "bss"):
-        if getattr(study.search, name) is not None:
-            on = params.get(f"{name}_on", True)
-            setattr(cfg.regularizers, name, float(params[name]) if on else 0.0)
-    if study.search.lr is not None:
-        cfg.train.lr = float(params["lr"])
-        cfg.train.backbone_lr = float(params["lr"]) * study.search.backbone_lr_ratio
-    if study.search.lr_decay is not None and params.get("lr_decay_on", True):
-        cfg.strategy.lr_decay = float(params["lr_decay"])
-    for name in ("freeze_blocks", "lp_epochs"):
-        if getattr(study.search, name) is not None:
-            setattr(cfg.strategy, name, int(params[name]))
-    if study.search.pooling is not None:
-        cfg.model.pooling = params["pooling"]
-    if study.search.physics is not None:
-        cfg.model.physics.mode = params["physics"]
-    return cfg
+    """The run template with this trial's fold and proposed hyperparameters, by validation
+    (StudyConfig.trial_config)."""
+    return study.trial_config(fold, params)
 
 
 def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict | None, int]:

@@ -18,7 +18,7 @@ import pandas as pd
 import ray
 from ray import tune
 
-from matxfer.config import StudyConfig
+from matxfer.config import StudyConfig, derive
 from matxfer.datasets.loading import fold_split
 from matxfer.errors import StudyInterrupted, UserError
 from matxfer.graphs import VerifiedCache, cache_file, task_graphs
@@ -192,7 +192,7 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
     args = (d, m.graph)
     def splits(graphs) -> None:
         for fold in study.folds:
-            fold_split(d.model_copy(update={"fold": fold}), graphs)
+            fold_split(derive(d, {"fold": fold}), graphs)
 
     splits(task_graphs(*args, check=splits))  # a cached set is checked too
     path = cache_file(*args)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from matxfer.backbones.mace import compile_ready
-from matxfer.config import load_config
+from matxfer.config import derive, load_config
 from matxfer.errors import UserError
 from matxfer.graphs import collate
 from matxfer.model import PropertyModel
@@ -33,9 +33,13 @@ def test_compiled_training_is_the_same(backbone, tiny_cfg):
     def run(mode: str) -> list[dict]:
         torch.manual_seed(0)
         model = PropertyModel(compile_ready(backbone).float(), "mean", [32])
-        cfg = tiny_cfg.model_copy(deep=True)
-        cfg.train.epochs, cfg.data.max_structures, cfg.train.compile = 1, 16, mode
-        cfg.regularizers.l2sp, cfg.regularizers.bss = 1e-2, 1e-3
+        cfg = derive(tiny_cfg, {
+            "train.epochs": 1,
+            "data.max_structures": 16,
+            "train.compile": mode,
+            "regularizers.l2sp": 1e-2,
+            "regularizers.bss": 1e-3,
+        })
         data = prepare_fold(cfg, model, progress=False)
         return fit(model, data, cfg, log=None).history
 

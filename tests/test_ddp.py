@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from matxfer.config import RunConfig
+from matxfer.config import RunConfig, derive
 from matxfer.model import build_model
 from matxfer.run import prepare_fold
 
@@ -77,8 +77,7 @@ def _run_ranks(cfg: RunConfig, tmp_path: Path, nan_rank: int = -1) -> list[str]:
 
 @pytest.fixture
 def ddp_cfg(tiny_cfg):
-    tiny_cfg.model.head_hidden = [16]
-    tiny_cfg.train.threads = 1
+    tiny_cfg = derive(tiny_cfg, {"model.head_hidden": [16], "train.threads": 1})
     return tiny_cfg
 
 
@@ -88,7 +87,7 @@ def test_ddp_ranks_take_the_same_steps_under_an_atom_budget_and_the_schedule_mat
     """An atom budget below the largest structure: batches vary in size with each epoch's
     order and one structure is alone in its batch; both ranks take the same number of
     steps (else DDP hangs), and the schedule is exactly that long."""
-    ddp_cfg.train.max_batch_atoms, ddp_cfg.train.epochs = 12, 2
+    ddp_cfg = derive(ddp_cfg, {"train.max_batch_atoms": 12, "train.epochs": 2})
     ranks = _run_ranks(ddp_cfg, tmp_path)
     assert ranks[0] == ranks[1] and ranks[0].startswith("steps"), ranks
     _, steps, _, schedule = ranks[0].split()
@@ -97,6 +96,6 @@ def test_ddp_ranks_take_the_same_steps_under_an_atom_budget_and_the_schedule_mat
 
 @pytest.mark.slow
 def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_with_the_same_message(ddp_cfg, tmp_path):
-    ddp_cfg.train.epochs = 2
+    ddp_cfg = derive(ddp_cfg, {"train.epochs": 2})
     ranks = _run_ranks(ddp_cfg, tmp_path, nan_rank=1)
     assert ranks[0] == ranks[1] == "error training loss became nan at epoch 1", ranks

@@ -3,6 +3,7 @@ matxfer needs them; the process environment is left as it was."""
 
 import os
 
+from matxfer.config import derive
 from matxfer.scoped_env import scoped_env
 
 
@@ -32,5 +33,5 @@ def test_tune_snapshots_every_2_s_on_local_storage_only():
 
     study = load_study_config("tune_configs/quickstart.yaml")
     assert snapshot_env(study) == {"TUNE_GLOBAL_CHECKPOINT_S": "2"}
-    study.storage_path = "s3://bucket/matxfer"
+    study = derive(study, {"storage_path": "s3://bucket/matxfer"})
     assert snapshot_env(study) == {}

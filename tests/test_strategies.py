@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from matxfer.config import load_config
+from matxfer.config import derive, load_config
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
 from matxfer.strategies import block_of, freeze_blocks, linear_probe, n_blocks, param_groups
@@ -46,8 +46,11 @@ def test_one_block_definition_for_freezing_lr_decay_drift_and_features(model):
 
 
 def test_lr_decay_gives_each_block_decay_to_its_depth(model, tiny_cfg):
-    tiny_cfg.train.backbone_lr, tiny_cfg.train.lr = 1e-3, 2e-3
-    tiny_cfg.strategy.lr_decay = 0.5
+    tiny_cfg = derive(tiny_cfg, {
+        "train.backbone_lr": 1e-3,
+        "train.lr": 2e-3,
+        "strategy.lr_decay": 0.5,
+    })
     groups = param_groups(model, tiny_cfg)
     assert [(g["block"], g["lr"]) for g in groups] == [
         (0, pytest.approx(1e-3 * 0.5**3)), (1, pytest.approx(1e-3 * 0.5**2)),
@@ -55,12 +58,12 @@ def test_lr_decay_gives_each_block_decay_to_its_depth(model, tiny_cfg):
     n_params = [sum(p.numel() for p in g["params"]) for g in groups]
     head = sum(p.numel() for p in model.head.parameters())
     assert n_params == [11392, 1581696 + 335360, 1581696 + 335360, head]
-    tiny_cfg.strategy.lr_decay = 1.0  # off: every block at backbone_lr
+    tiny_cfg = derive(tiny_cfg, {"strategy.lr_decay": 1.0})  # off: every block at backbone_lr
     assert {g["lr"] for g in param_groups(model, tiny_cfg)[:-1]} == {1e-3}
 
 
 def test_lp_phase_leaves_the_backbone_bit_identical_and_fits_the_head(model, tiny_cfg):
-    tiny_cfg.strategy.lp_epochs = 3
+    tiny_cfg = derive(tiny_cfg, {"strategy.lp_epochs": 3})
     data = prepare_fold(tiny_cfg, model, progress=False)
     backbone0 = copy.deepcopy(model.backbone.state_dict())
     head0 = copy.deepcopy(model.head.state_dict())
@@ -72,9 +75,11 @@ def test_lp_phase_leaves_the_backbone_bit_identical_and_fits_the_head(model, tin
 
 
 def test_frozen_blocks_do_not_move_and_leave_l2sp(model, tiny_cfg):
-    tiny_cfg.train.epochs = 1
-    tiny_cfg.regularizers.l2sp = 1e-2
-    tiny_cfg.strategy.freeze_blocks = 2
+    tiny_cfg = derive(tiny_cfg, {
+        "train.epochs": 1,
+        "regularizers.l2sp": 1e-2,
+        "strategy.freeze_blocks": 2,
+    })
     before = copy.deepcopy(model.state_dict())
     fit(model, prepare_fold(tiny_cfg, model, progress=False), tiny_cfg, log=None)
     after = model.state_dict()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from matxfer.config import derive
 from matxfer.metrics import score
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
@@ -30,9 +31,11 @@ def test_fit_reports_every_epoch_and_restores_the_best_weights(tiny_model, tiny_
 
 
 def test_regularisers_enter_the_loss_with_their_weights(tiny_model, tiny_cfg):
-    tiny_cfg.regularizers.l2sp = 1e-2
-    tiny_cfg.regularizers.bss = 1e-3
-    tiny_cfg.train.epochs = 1
+    tiny_cfg = derive(tiny_cfg, {
+        "regularizers.l2sp": 1e-2,
+        "regularizers.bss": 1e-3,
+        "train.epochs": 1,
+    })
     data = prepare_fold(tiny_cfg, tiny_model, progress=False)
     row = fit(tiny_model, data, tiny_cfg, log=None).history[0]
     assert row["l2sp_term"] > 0 and row["bss_term"] > 0
@@ -47,7 +50,7 @@ def test_objective_gradients_equal_backpropagating_the_whole_loss(tiny_model, ti
     from matxfer.regularizers import l2_sp_penalty
     from matxfer.train import Objective
 
-    tiny_cfg.regularizers.l2sp, tiny_cfg.regularizers.bss = 1e-2, 1e-3
+    tiny_cfg = derive(tiny_cfg, {"regularizers.l2sp": 1e-2, "regularizers.bss": 1e-3})
     data = prepare_fold(tiny_cfg, tiny_model, progress=False)
     objective = Objective(tiny_model, tiny_cfg, data.spec, data.scaler)
     with torch.no_grad():  # move away from w0 so the L2-SP gradient is not zero
@@ -73,9 +76,7 @@ def test_strong_l2sp_keeps_the_backbone_near_the_pretrained_weights(backbone, ti
         torch.manual_seed(0)
         model = PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
         start = [p.detach().clone() for _, p in model.backbone_parameters()]
-        cfg = tiny_cfg.model_copy(deep=True)
-        cfg.regularizers.l2sp = l2sp
-        cfg.train.backbone_lr = 1e-2
+        cfg = derive(tiny_cfg, {"regularizers.l2sp": l2sp, "train.backbone_lr": 1e-2})
         fit(model, prepare_fold(cfg, model, progress=False), cfg, log=None)
         return sum((p - s).pow(2).sum().item()
                    for (_, p), s in zip(model.backbone_parameters(), start))
@@ -84,8 +85,7 @@ def test_strong_l2sp_keeps_the_backbone_near_the_pretrained_weights(backbone, ti
 
 
 def test_patience_stops_early(tiny_model, tiny_cfg, monkeypatch):
-    tiny_cfg.train.epochs = 6
-    tiny_cfg.train.patience = 2
+    tiny_cfg = derive(tiny_cfg, {"train.epochs": 6, "train.patience": 2})
     val_maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 1.0])  # best at epoch 2, no gain for 2 epochs
     monkeypatch.setattr("matxfer.train.score", lambda spec, y, p: next(val_maes))
     data = prepare_fold(tiny_cfg, tiny_model, progress=False)
@@ -105,8 +105,8 @@ def test_training_is_deterministic_for_a_seed(backbone, tiny_cfg):
     def run() -> float:
         torch.manual_seed(0)
         model = PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
-        tiny_cfg.train.epochs = 1
-        return fit(model, prepare_fold(tiny_cfg, model, progress=False), tiny_cfg,
+        cfg = derive(tiny_cfg, {"train.epochs": 1})
+        return fit(model, prepare_fold(cfg, model, progress=False), cfg,
                    log=None).history[0]["train_loss"]
 
     assert run() == pytest.approx(run(), rel=1e-5)
@@ -120,7 +120,7 @@ def test_resume_from_a_mid_run_state_matches_the_uninterrupted_run(backbone, tin
         torch.manual_seed(0)
         return PropertyModel(copy.deepcopy(backbone).float(), "mean", [32])
 
-    tiny_cfg.regularizers.l2sp, tiny_cfg.regularizers.bss = 1e-2, 1e-3
+    tiny_cfg = derive(tiny_cfg, {"regularizers.l2sp": 1e-2, "regularizers.bss": 1e-3})
     whole = fresh()
     data = prepare_fold(tiny_cfg, whole, progress=False)
     saved = {}
@@ -147,7 +147,7 @@ def test_budget_batches_give_the_same_predictions_and_bound_every_step(tiny_mode
     assert np.allclose(fixed, budget, rtol=1e-5, atol=1e-6)
     edges = data.graphs.n_edges[data.rows["train"]]
     limit = int(edges.max())  # every structure fits: no batch of one needed
-    tiny_cfg.train.max_batch_edges, tiny_cfg.train.epochs = limit, 1
+    tiny_cfg = derive(tiny_cfg, {"train.max_batch_edges": limit, "train.epochs": 1})
     steps = schedule_steps(data, tiny_cfg.train, 1)
     assert steps > math.ceil(len(data.rows["train"]) / tiny_cfg.train.batch_size)
     import matxfer.train as train

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 
-from matxfer.config import DataConfig, ModelConfig
+from matxfer.config import DataConfig, ModelConfig, derive
 from matxfer.datasets.loading import load_rows, split_groups
 from matxfer.datasets.splits import composition_keys, custom_fold_split, outer_folds
 from matxfer.graphs import GraphSet, build_graph_set, collate
@@ -157,7 +157,7 @@ def _fold_lines(card: Card, data: DataConfig, graphs: GraphSet) -> int:
                         data.spec.kind == "classification")
     sizes = np.bincount(folds, minlength=split.k)
     first = custom_fold_split(list(graphs.ids), np.asarray(graphs.targets), groups,
-                              data.model_copy(update={"fold": 0}))
+                              derive(data, {"fold": 0}))
     card.add("split", f"{split.method}, k={split.k}: test folds of "
              + ", ".join(str(s) for s in sizes)
              + f"; fold 0 trains on {len(first.train)}, validates on {len(first.val)}")

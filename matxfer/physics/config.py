@@ -44,7 +44,7 @@ PhysicsMode = Literal["off", "zero-shot", "features", "residual"]
 class PhysicsConfig(BaseModel):
     """Zero-shot descriptors of the pretrained potential and how the model uses them."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # derived copies: config.derive
 
     mode: PhysicsMode = Field("off", description="zero-shot: a linear calibration of the "
                               "descriptors fitted on the training fold, no fine-tuning; "

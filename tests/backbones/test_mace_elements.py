@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from matxfer.backbones.mace_elements import gather_map
+from matxfer.config import derive
 from matxfer.graphs import collate, present_elements
 from matxfer.model import PropertyModel
 from matxfer.run import prepare_fold
@@ -74,9 +75,13 @@ def test_training_with_and_without_restriction_is_the_same(backbone, tiny_cfg):
     def run(restrict: bool) -> list[dict]:
         torch.manual_seed(0)
         model = PropertyModel(copy.deepcopy(backbone), "mean", [32])
-        cfg = tiny_cfg.model_copy(deep=True)
-        cfg.model.restrict_elements, cfg.model.dtype, cfg.train.epochs = restrict, "float64", 1
-        cfg.regularizers.l2sp, cfg.regularizers.bss = 1e-2, 1e-3
+        cfg = derive(tiny_cfg, {
+            "model.restrict_elements": restrict,
+            "model.dtype": "float64",
+            "train.epochs": 1,
+            "regularizers.l2sp": 1e-2,
+            "regularizers.bss": 1e-3,
+        })
         data = prepare_fold(cfg, model, progress=False)
         assert (model.fast_path is not None) == restrict
         return fit(model, data, cfg, log=None).history
