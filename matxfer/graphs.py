@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from matxfer.backbones.quiet_mace import import_mace
 from matxfer.config import DataConfig
-from matxfer.datasets.loading import source_id, stream_rows
+from matxfer.datasets.loading import source_id, stream_rows, usable_graphs
 from matxfer.errors import UserError
 from matxfer.storage import load_checked, save_checked, sidecar
 
@@ -86,6 +86,24 @@ class GraphSet:
         """[atoms of `rows`] int64: the species (z_table indices) of those structures."""
         spans = [self.species[self.atom_start[r]:self.atom_start[r + 1]] for r in rows]
         return torch.cat(spans) if spans else self.species[:0]
+
+    def take(self, rows: Sequence[int]) -> GraphSet:
+        """The graphs of `rows` (positions, at least one), in that order, as their own set."""
+        r, atoms, edges = torch.as_tensor(rows), _spans(self.atom_start, rows), \
+            _spans(self.edge_start, rows)
+        return GraphSet(
+            ids=[self.ids[i] for i in rows], targets=self.targets[r.numpy()],
+            n_atoms=self.n_atoms[r], n_edges=self.n_edges[r], species=self.species[atoms],
+            positions=self.positions[atoms], edge_index=self.edge_index[:, edges],
+            shifts=self.shifts[edges], z_table=self.z_table, skipped=list(self.skipped),
+            descriptors=None if self.descriptors is None else self.descriptors[r.numpy()],
+            extras={k: v[_spans(self.extra_start[k], rows)] for k, v in self.extras.items()},
+            extra_counts={k: c[r] for k, c in self.extra_counts.items()})
+
+
+def _spans(start: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """The flat indices of `rows`' spans of a ragged array with offsets `start`."""
+    return torch.cat([torch.arange(start[i], start[i + 1]) for i in rows])
 
 
 def present_elements(species: torch.Tensor, z_table: Sequence[int]) -> list[int]:
@@ -283,11 +301,12 @@ def load_graph_set(path: Path, verified_sha256: str | None = None) -> GraphSet:
 
 
 def cache_file(data: DataConfig, spec: GraphSpec) -> Path:
-    """Where the graph cache of this dataset and these settings lives (hashes the data)."""
+    """Where the graph cache of this dataset and these graphs lives (hashes the data). It
+    holds structures -> graphs only: no setting that picks a study's rows is in its key."""
     folder = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     source = source_id(data)
     if data.source is not None:
-        source += f"|skip={data.source.skip_bad_rows}"
+        source += "|rows=readable"  # a new key: earlier caches held one study's rows
     return folder / f"{data.task}-{cache_key(data.task, spec, source)}.pt"
 
 
@@ -296,32 +315,37 @@ def task_graphs(
     verified: VerifiedCache | None = None,
     check: Callable[[GraphSet], None] | None = None,
 ) -> GraphSet:
-    """The graphs of every structure of the dataset, from the cache or built once and cached.
-    `verified`: (cache file, sha256) the study's driver checked; read as it is. `check`: run
-    on newly built graphs before they are cached (a UserError there leaves no cache file)."""
+    """The graphs of the rows this study uses: the dataset's graph cache (every row with a
+    readable structure and target), loaded or built once, narrowed by `usable_graphs` (the
+    study's kind, log_target, fold labels, skip_bad_rows). `verified`: (cache file, sha256)
+    the study's driver checked; read as it is. `check`: run on newly built graphs before
+    they are cached (a UserError there, or from `usable_graphs`, leaves no cache file)."""
     if verified is not None:
-        return load_graph_set(Path(verified[0]), verified[1])
+        return usable_graphs(data, load_graph_set(Path(verified[0]), verified[1]))
     path = cache_file(data, spec)
-    folder = path.parent
     if path.is_file():
         try:
-            return load_graph_set(path)
+            cached = load_graph_set(path)
         except Exception as err:  # unreadable or corrupted cache: rebuild it below
             warnings.warn(f"rebuilding the graph cache: {err}", stacklevel=2)
             path.unlink(missing_ok=True)
             sidecar(path).unlink(missing_ok=True)
+        else:
+            return usable_graphs(data, cached)
     skipped: list = []
     skip = data.source is not None and data.source.skip_bad_rows
     graphs = graphs_from_rows(stream_rows(data, skipped), spec, progress, skip,
                               total=data.spec.size or None)
     graphs.skipped = skipped + graphs.skipped
+    usable = usable_graphs(data, graphs)
     if check is not None:
-        check(graphs)
+        check(usable)
     try:
         save_graph_set(graphs, path)
     except OSError as err:
-        raise UserError(f"cannot write graph cache in {str(folder)!r}: {err.strerror}") from None
-    return graphs
+        raise UserError(f"cannot write graph cache in {str(path.parent)!r}: "
+                        f"{err.strerror}") from None
+    return usable
 
 
 def collate(graphs: GraphSet, rows: Sequence[int], device: torch.device | str = "cpu") -> dict:

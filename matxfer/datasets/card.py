@@ -18,7 +18,7 @@ import torch
 from ase.data import chemical_symbols
 
 from matxfer.config import DataConfig, ModelConfig, derive
-from matxfer.datasets.loading import load_rows, split_groups
+from matxfer.datasets.loading import load_rows, split_groups, usable_graphs
 from matxfer.datasets.splits import composition_keys, custom_fold_split, outer_folds
 from matxfer.graphs import GraphSet, build_graph_set, collate
 from matxfer.model import PropertyModel, build_model
@@ -102,10 +102,13 @@ def check_dataset(data: DataConfig, model_cfg: ModelConfig) -> Card:
     frame = loaded.frame
     model = build_model(model_cfg)
     graph_spec = model.graph_spec()
+    skip = data.source is not None and data.source.skip_bad_rows  # as tune's graph cache
     graphs = build_graph_set(list(frame.index), list(frame["structure"]),
                              frame["target"].to_numpy(), graph_spec, progress=False,
-                             skip_bad=True)
-    skipped = loaded.skipped + graphs.skipped
+                             skip_bad=skip)
+    graphs.skipped = loaded.skipped + graphs.skipped
+    graphs = usable_graphs(data, graphs)  # the study's own row filters, as in task_graphs
+    skipped = graphs.skipped
     card.add("rows", f"{len(graphs)} usable" + (f", {len(skipped)} skipped" if skipped else ""))
     elements = sorted({int(graphs.z_table[s]) for s in torch.unique(graphs.species)})
     card.add("elements", f"{len(elements)}: " + " ".join(chemical_symbols[z] for z in elements))

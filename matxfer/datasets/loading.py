@@ -11,13 +11,21 @@ import pandas as pd
 
 from matxfer.config import DataConfig, SourceConfig
 from matxfer.datasets import matbench
-from matxfer.datasets.sources import Loaded, load_source, source_sha256, usable_rows
+from matxfer.datasets.sources import (
+    Loaded,
+    bad_row,
+    fold_labels,
+    load_source,
+    source_sha256,
+    usable_rows,
+)
 from matxfer.datasets.splits import (
     FoldSplit,
     chemsys_keys,
     composition_keys,
     custom_fold_split,
 )
+from matxfer.errors import UserError
 
 
 def source_id(data: DataConfig) -> str:
@@ -47,8 +55,49 @@ def stream_rows(data: DataConfig, skipped: list) -> Iterator[tuple[str, object, 
 
 @lru_cache(maxsize=4)
 def _fold_labels(source_json: str, column: str) -> dict[str, object]:
-    src = SourceConfig.model_validate_json(source_json)
-    return {row.id: row.extra[column] for row in usable_rows(src, [], column)}
+    return fold_labels(SourceConfig.model_validate_json(source_json), column)
+
+
+def row_problems(data: DataConfig, ids, targets) -> dict[str, str]:
+    """{id: why} of the rows this study's own settings refuse: a class label not 0/1
+    (classification), a target <= 0 (log_target), no fold label (split.method column).
+    The one place these filters live: the graph cache holds every readable row whatever the
+    study, and `usable_graphs` applies them after it is loaded."""
+    src = data.source
+    if src is None:
+        return {}
+    column = data.outer_split.column if data.outer_split.method == "column" else None
+    labels = _fold_labels(src.model_dump_json(), column) if column else {}
+    problems = {}
+    for rid, y in zip(ids, np.asarray(targets, dtype=float).tolist()):
+        if src.kind == "classification" and y not in (0.0, 1.0):
+            problems[rid] = f"class label {y!r} is not 0/1 or true/false"
+        elif src.log_target and y <= 0:
+            problems[rid] = f"target {y!r} is <= 0, which log_target cannot take"
+        elif column and labels.get(rid) is None:
+            problems[rid] = f"no fold label {column!r}"
+    return problems
+
+
+def usable_graphs(data: DataConfig, graphs):
+    """The rows of `graphs` (a GraphSet as cached) this study can use. A bad row, one the
+    cache left out (`graphs.skipped`) or one of `row_problems`, stops the study with one line
+    naming it; with skip_bad_rows the rest is kept and `skipped` lists what was left out."""
+    src = data.source
+    if src is None:
+        return graphs
+    problems = row_problems(data, graphs.ids, graphs.targets)
+    bad = list(graphs.skipped) + list(problems.items())
+    if bad and not src.skip_bad_rows:
+        raise bad_row(src, *bad[0])
+    if not problems:
+        return graphs
+    keep = [r for r, i in enumerate(graphs.ids) if i not in problems]
+    if not keep:
+        raise UserError(f"{src.path}: no usable rows; row {bad[0][0]}: {bad[0][1]}")
+    usable = graphs.take(keep)
+    usable.skipped = bad
+    return usable
 
 
 def split_groups(data: DataConfig, graphs) -> list | None:

@@ -37,8 +37,8 @@ class Row:
 
 @dataclass
 class Loaded:
-    """The usable rows of a source as a frame (index `id`; columns `structure`, `target` and
-    the split's label column when asked), and the rows left out with their reasons."""
+    """The usable rows of a source as a frame (index `id`; columns `structure`, `target`),
+    and the rows left out with their reasons."""
 
     frame: pd.DataFrame
     skipped: list[tuple[str, str]]
@@ -166,7 +166,8 @@ READERS = {"extxyz": _ase_rows, "ase": _ase_rows, "ase-db": _db_rows, "csv": _ta
 
 
 def checked_target(row: Row, src: SourceConfig) -> float:
-    """The row's target as a float; BadRow when missing, non-numeric or non-finite."""
+    """The row's target as a float; BadRow when missing, non-numeric or non-finite (what a
+    study's own settings refuse, a class label or log_target, is `loading.row_problems`')."""
     if row.target is _MISSING:
         raise BadRow(f"no target {src.target!r}")
     try:
@@ -175,32 +176,30 @@ def checked_target(row: Row, src: SourceConfig) -> float:
         raise BadRow(f"target {row.target!r} is not a number") from None
     if not math.isfinite(value):
         raise BadRow(f"target {value} is not finite")
-    if src.kind == "classification" and value not in (0.0, 1.0):
-        raise BadRow(f"class label {row.target!r} is not 0/1 or true/false")
-    if src.log_target and value <= 0:
-        raise BadRow(f"target {value} is <= 0, which log_target cannot take")
     return value
 
 
-def usable_rows(src: SourceConfig, skipped: list, label: str | None = None) -> Iterator[Row]:
+def bad_row(src: SourceConfig, row_id: str, why: str) -> UserError:
+    """The one line that stops a study on a bad row (without skip_bad_rows)."""
+    return UserError(f"{src.path}: row {row_id}: {why} (data.source.skip_bad_rows: true "
+                     "trains on the other rows)")
+
+
+def usable_rows(src: SourceConfig, skipped: list) -> Iterator[Row]:
     """The source's rows one at a time, in file order, each with its checked float target:
     a bad row raises UserError naming it, or with `skip_bad_rows` goes to `skipped` as (id,
-    why). Nothing else is held, so a large file streams. `label`: a key/column each row must
-    have (the split's fold labels)."""
+    why). Nothing else is held, so a large file streams."""
     if not Path(src.path).is_file():
         raise UserError(f"data.source.path {src.path!r} does not exist")
     seen: set[str] = set()
-    for row in READERS[source_format(src)](src, (label,) if label else ()):
+    for row in READERS[source_format(src)](src, ()):
         try:
             if isinstance(row.structure, BadRow):
                 raise row.structure
             row.target = checked_target(row, src)
-            if label and row.extra.get(label) is None:
-                raise BadRow(f"no fold label {label!r}")
         except BadRow as err:
             if not src.skip_bad_rows:
-                raise UserError(f"{src.path}: row {row.id}: {err} (data.source.skip_bad_rows: "
-                                "true trains on the other rows)") from None
+                raise bad_row(src, row.id, str(err)) from None
             skipped.append((row.id, str(err)))
             continue
         if row.id in seen:
@@ -212,13 +211,23 @@ def usable_rows(src: SourceConfig, skipped: list, label: str | None = None) -> I
         raise UserError(f"{src.path}: no usable rows (target {src.target!r})")
 
 
-def load_source(src: SourceConfig, label: str | None = None) -> Loaded:
-    """Every usable row as a frame (index `id`; `structure`, `target`, and `label` when
-    asked); for a small dataset or a dataset card (graphs stream through `usable_rows`)."""
+def fold_labels(src: SourceConfig, column: str) -> dict[str, object]:
+    """{id: fold label} of every row of the source, None where a row has none (no such key,
+    an empty cell): a missing label is never a fold of its own."""
+    labels = {}
+    for row in READERS[source_format(src)](src, (column,)):
+        value = row.extra.get(column)
+        blank = value is None or value is pd.NA or (isinstance(value, float)
+                                                     and math.isnan(value))
+        labels[row.id] = None if blank else value
+    return labels
+
+
+def load_source(src: SourceConfig) -> Loaded:
+    """Every usable row as a frame (index `id`; `structure`, `target`); for a small dataset
+    or a dataset card (graphs stream through `usable_rows`)."""
     skipped: list = []
-    rows = list(usable_rows(src, skipped, label))
+    rows = list(usable_rows(src, skipped))
     columns = {"structure": [r.structure for r in rows], "target": [r.target for r in rows]}
-    if label:
-        columns["label"] = [r.extra[label] for r in rows]
     return Loaded(pd.DataFrame(columns, index=pd.Index([r.id for r in rows], name="id")),
                   skipped)

@@ -11,20 +11,34 @@ from own_data import crystals, source
 from matxfer.cli import main
 from matxfer.config import DataConfig, ModelConfig
 from matxfer.datasets.card import check_dataset
+from matxfer.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def card_text(tmp_path_factory) -> str:
+def with_alien(folder):
     images = crystals()
     twin = images[0].copy()  # the same crystal under another id and another label
     twin.info = {**images[0].info, "id": "NaCl-twin", "y": images[0].info["y"] + 5.0}
     alien = Atoms("Og2", positions=[[0, 0, 0], [0, 0, 3.0]], cell=[6, 6, 6], pbc=True)
     alien.info = {"id": "alien", "y": 1.0}
-    path = tmp_path_factory.mktemp("card") / "salts.extxyz"
+    path = folder / "salts.extxyz"
     write(path, [*images, twin, alien], format="extxyz")
-    data = DataConfig(task="salts", source=source(path, unit="Å"),
+    return path
+
+
+@pytest.fixture(scope="module")
+def card_text(tmp_path_factory) -> str:
+    path = with_alien(tmp_path_factory.mktemp("card"))
+    data = DataConfig(task="salts", source=source(path, unit="Å", skip_bad_rows=True),
                       split={"method": "group-chemsys", "k": 4})
     return check_dataset(data, ModelConfig(head_hidden=[16])).text()
+
+
+def test_an_element_the_model_lacks_stops_the_check_as_it_stops_tune(tmp_path):
+    data = DataConfig(task="salts", source=source(with_alien(tmp_path)),
+                      split={"method": "group-chemsys", "k": 4})
+    with pytest.raises(UserError, match="structure alien: element Og is not among") as err:
+        check_dataset(data, ModelConfig(head_hidden=[16]))
+    assert "\n" not in str(err.value)
 
 
 def test_the_card_counts_rows_elements_atoms_and_targets(card_text):

@@ -10,7 +10,7 @@ from ase.io import write
 from own_data import crystals, molecule, source
 
 from matxfer.config import DataConfig, SourceConfig
-from matxfer.datasets.loading import load_rows, source_id
+from matxfer.datasets.loading import load_rows, row_problems, source_id
 from matxfer.datasets.sources import load_source, source_format
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSpec, build_graph_set, structure_arrays
@@ -99,10 +99,17 @@ def test_skip_bad_rows_trains_on_the_rest_and_lists_them(tmp_path):
     assert [rid for rid, _ in loaded.skipped] == ["NaCl-2", "KCl-0"]
 
 
-def test_log_target_refuses_a_non_positive_target(tmp_path):
-    path = bad_extxyz(tmp_path, lambda im: im[0].info.update(y=-1.0))
-    with pytest.raises(UserError, match="row NaCl-0: target -1.0 is <= 0"):
-        load_source(SourceConfig.model_validate(source(path, log_target=True)))
+def test_log_target_and_classification_refuse_rows_by_the_studys_settings():
+    # the source reads the rows; the study's own settings refuse them (loading.row_problems)
+    def problems(**settings):
+        data = DataConfig(task="salts", source=source("x.extxyz", **settings))
+        return row_problems(data, ["a", "b", "c"], np.array([-1.0, 0.0, 1.0]))
+
+    assert problems() == {}
+    assert problems(log_target=True) == {
+        "a": "target -1.0 is <= 0, which log_target cannot take",
+        "b": "target 0.0 is <= 0, which log_target cannot take"}
+    assert problems(kind="classification") == {"a": "class label -1.0 is not 0/1 or true/false"}
 
 
 def test_a_missing_csv_structure_file_names_the_row(dataset_files, tmp_path):
@@ -131,9 +138,3 @@ def test_an_element_outside_the_model_is_named_or_skipped():
                              GraphSpec((1, 8), 5.0, torch.float64), progress=False,
                              skip_bad=True)
     assert graphs.ids == ["x"] and graphs.skipped[0][0] == "NaCl-0"
-
-
-def test_a_row_without_its_fold_label_is_named(tmp_path):
-    path = bad_extxyz(tmp_path, lambda im: im[4].info.pop("mine"))
-    with pytest.raises(UserError, match="row KCl-1: no fold label 'mine'"):
-        load_source(SourceConfig.model_validate(source(path)), label="mine")
