@@ -19,8 +19,10 @@ import torch
 from pydantic import ValidationError
 
 from matxfer import __version__
+from matxfer.backbones.mace import mace_names
+from matxfer.backbones.names import family_of
 from matxfer.backbones.quiet_mace import import_mace
-from matxfer.backbones.registry import architecture, build_backbone
+from matxfer.backbones.registry import architecture, build_backbone, random_backbone
 from matxfer.config import DataConfig, ModelConfig, RunConfig, format_validation_error
 from matxfer.errors import UserError
 from matxfer.model import (
@@ -28,6 +30,7 @@ from matxfer.model import (
     TargetScaler,
     build_model,
     load_backbone,
+    model_on,
     weights_file,
 )
 from matxfer.storage import (
@@ -92,14 +95,54 @@ def backbone_facts(model: PropertyModel, cfg: ModelConfig) -> dict:
             "backbone_params": model.family.n_parameters(model.backbone)}
 
 
-def check_foundation(payload: dict, cfg: ModelConfig) -> None:
-    """Refuse when the foundation weights here differ from those the checkpoint started from."""
+def trusted_foundation(payload: dict, source: str, explicit: str | None = None) -> Path:
+    """The foundation weights file of a received checkpoint, found only where the user trusts:
+    `explicit` (a path the user passed on the command line), else the known name `source`
+    through the trusted lookup (MATXFER_MODEL, ../shared/models, mace's cache; CHGNet's
+    wheel). A model file the checkpoint names is never used. The file's SHA-256 must be the
+    one the checkpoint records, checked before anything loads (unpickles) it."""
     recorded = (payload.get("foundation") or {}).get("sha256")
-    here = foundation_record(cfg)["sha256"]
-    if recorded and here != recorded:
-        raise UserError(f"the foundation weights for model.source {cfg.source!r} here (sha256 "
-                        f"{here[:12]}…) are not the ones the checkpoint started from "
-                        f"({recorded[:12]}…); set MATXFER_MODEL to that file")
+    if not isinstance(recorded, str) or not recorded:
+        raise UserError("the checkpoint records no sha256 of its foundation weights, so none "
+                        "can be checked against it; refusing to load foundation weights for it")
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise UserError(f"--foundation {explicit!r} is not a file")
+    elif family_of(source) == "mace" and source not in mace_names():
+        raise UserError(f"the checkpoint started from the model file {Path(source).name!r}; "
+                        f"pass that file with --foundation PATH (sha256 {recorded[:12]}…): "
+                        "files a checkpoint names are never loaded")
+    else:
+        path = weights_file(source).resolve()
+    stat = path.stat()
+    here = _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if here != recorded:
+        raise UserError(f"the foundation weights {str(path)!r} (sha256 {here[:12]}…) are not "
+                        f"the ones the checkpoint started from (sha256 {recorded[:12]}…); "
+                        "pass that file with --foundation PATH")
+    return path
+
+
+def trusted_model_config(payload: dict, cfg: ModelConfig, explicit: str | None = None,
+                         ) -> ModelConfig:
+    """`cfg` with model.source the verified foundation file (`trusted_foundation`); CHGNet
+    loads its verified wheel weights by version name."""
+    path = trusted_foundation(payload, cfg.source, explicit)
+    if family_of(cfg.source) == "chgnet":
+        return cfg
+    return cfg.model_copy(update={"source": str(path)})
+
+
+def starting_model(payload: dict, cfg: ModelConfig, explicit: str | None = None,
+                   ) -> PropertyModel:
+    """θ0 of a received checkpoint with the seeded head build_model gives: init=random, the
+    seeded random twin of its stored architecture (no file read); pretrained, the trusted,
+    verified foundation weights (`trusted_foundation`)."""
+    if cfg.init == "random":
+        backbone = random_backbone(payload["backbone"], cfg.init_seed, getattr(torch, cfg.dtype))
+        return model_on(backbone, cfg)
+    return build_model(trusted_model_config(payload, cfg, explicit))
 
 
 def portable_config(cfg: RunConfig) -> dict:
@@ -192,29 +235,34 @@ def model_from_payload(payload: dict) -> PropertyModel:
     return model.eval()
 
 
-def config_from_payload(payload: dict, local: DataConfig | None = None) -> RunConfig:
-    """The stored RunConfig on the e3nn path; `local` gives this machine's data/cache folders."""
+def config_from_payload(payload: dict, local: DataConfig | None = None,
+                        own: bool = False) -> RunConfig:
+    """The stored RunConfig on the e3nn path; `local` gives this machine's data/cache folders.
+    `own`: a checkpoint this study wrote itself, so model.source may be the model file where
+    its training found it (foundation.path); a received checkpoint's paths are never used."""
     tree = copy.deepcopy(payload["config"])
     tree["model"]["kernels"] = "e3nn"  # e3nn weights whatever kernels trained them
     for key in PATH_KEYS:
         tree["data"][key] = getattr(local, key) if local is not None else None
     recorded = (payload.get("foundation") or {}).get("path")
-    if recorded and not Path(tree["model"]["source"]).exists() and Path(recorded).is_file():
-        tree["model"]["source"] = recorded  # the model file where training found it
+    if own and recorded and not Path(tree["model"]["source"]).exists() and \
+            Path(recorded).is_file():
+        tree["model"]["source"] = recorded
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ValueError(format_validation_error(err)) from None
 
 
-def load_checkpoint(path: str | Path, local: DataConfig | None = None,
+def load_checkpoint(path: str | Path, local: DataConfig | None = None, own: bool = False,
                     ) -> tuple[PropertyModel, TargetScaler, RunConfig, dict]:
     """(model, scaler, run config, payload) of a checkpoint file or folder; no foundation
-    weights needed. `local`: data_dir/cache_dir to put back into the config."""
+    weights needed. `local`: data_dir/cache_dir to put back into the config; `own`: see
+    config_from_payload."""
     path = checkpoint_file(path)
     payload = read_payload(path)
     try:
-        cfg = config_from_payload(payload, local)
+        cfg = config_from_payload(payload, local, own)
         model = model_from_payload(payload)
         scaler = TargetScaler.from_state(dict(payload["scaler"]))
     except Exception as err:  # missing keys, a mismatched state, an unknown class
@@ -224,10 +272,26 @@ def load_checkpoint(path: str | Path, local: DataConfig | None = None,
     return model, scaler, cfg, payload
 
 
-def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
+def convert_foundation(cfg: ModelConfig, old_path: Path, explicit: str | None) -> ModelConfig:
+    """The foundation an old checkpoint (no SHA-256 recorded) is rebuilt on: the file the user
+    passes (`--foundation`), else its model.source as a known name; a file it names, never."""
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise UserError(f"--foundation {explicit!r} is not a file")
+        return cfg.model_copy(update={"source": str(Path(explicit))})
+    if family_of(cfg.source) == "mace" and cfg.source not in mace_names():
+        raise UserError(f"{str(old_path)!r} started from the model file "
+                        f"{Path(cfg.source).name!r}; pass that file with --foundation PATH "
+                        "(only the file you name is unpickled)")
+    return cfg
+
+
+def convert_checkpoint(old_path: str | Path, new_path: str | Path,
+                       foundation: str | None = None) -> Path:
     """Rewrite an old-format checkpoint (trusted: it is unpickled) in the current format, as
     `new_path` (a .pt file, else a folder getting checkpoint.pt). The foundation weights must
-    be present: they give the architecture and its SHA-256."""
+    be present: they give the architecture and its SHA-256 (`foundation`: the file the user
+    names; else the old config's model.source must be a known name)."""
     old_path, new_path = checkpoint_file(old_path), Path(new_path)
     if new_path.is_dir() or new_path.suffix != ".pt":  # a folder, as `matxfer train` writes
         new_path = new_path / CHECKPOINT_FILE
@@ -249,6 +313,7 @@ def convert_checkpoint(old_path: str | Path, new_path: str | Path) -> Path:
     except Exception as err:
         raise UserError(f"{str(old_path)!r} is not an old matxfer checkpoint "
                         f"({type(err).__name__}: {str(err)[:200]})") from None
+    cfg = cfg.model_copy(update={"model": convert_foundation(cfg.model, old_path, foundation)})
     model = build_model(cfg.model)  # needs the foundation weights (architecture, SHA-256)
     try:
         model.load_state_dict(old["model_state"])

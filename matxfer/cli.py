@@ -58,6 +58,10 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+FOUNDATION_HELP = ("the foundation model file the checkpoint started from, when it was not a "
+                   "known name; checked against the checkpoint's sha256 before it is loaded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="matxfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("files", nargs="+", help="CIF, POSCAR, extxyz or pymatgen JSON files")
     pred.add_argument("--out", help="CSV file (default: standard output)")
     pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--foundation", metavar="PATH", help=FOUNDATION_HELP)
 
     add_analysis_parsers(sub)
 
@@ -116,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "you trust; needs the foundation weights)")
     convert.add_argument("old", help="old checkpoint file or run folder")
     convert.add_argument("new", help="new .pt file, or a folder (gets checkpoint.pt)")
+    convert.add_argument("--foundation", metavar="PATH", help="the foundation model file OLD "
+                         "started from (else its model.source must be a known name)")
     return parser
 
 
@@ -141,6 +148,7 @@ def add_analysis_parsers(sub) -> None:
     drift.add_argument("--max-structures", type=int, default=500,
                        help="training-fold structures for CKA")
     drift.add_argument("--out", help="output folder (default runs/analysis/drift-<name>)")
+    drift.add_argument("--foundation", metavar="PATH", help=FOUNDATION_HELP)
     report = sub.add_parser("report", help="Table 1 and Figure 1 panels from MLflow runs")
     source = report.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", nargs="+", help="MLflow experiment(s)")
@@ -219,7 +227,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     preflight_predict(args.model)
-    table = predict_files(args.model, args.files, args.batch_size)
+    table = predict_files(args.model, args.files, args.batch_size, args.foundation)
     bad, good = table[table["error"] != ""], table[table["error"] == ""]
     if good.empty:  # one line: every file and why
         reasons = "; ".join(f"{row.file}: {row.error}" for row in bad.itertuples())
@@ -236,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from matxfer.checkpoint import convert_checkpoint
 
-    print(f"wrote {convert_checkpoint(args.old, args.new)}")
+    print(f"wrote {convert_checkpoint(args.old, args.new, args.foundation)}")
     return 0
 
 

@@ -228,6 +228,12 @@ def build_model(cfg: ModelConfig, for_compile: bool = False) -> PropertyModel:
     backbone = load_backbone(cfg.source, cfg.init, cfg.init_seed, dtype)
     if for_compile:
         backbone = compile_ready(backbone)
+    return model_on(backbone, cfg)
+
+
+def model_on(backbone: nn.Module, cfg: ModelConfig) -> PropertyModel:
+    """The PropertyModel of `backbone` with the head (seeded by cfg.init_seed) build_model
+    gives it."""
     physics = cfg.physics
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)

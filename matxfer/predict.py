@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
+from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, trusted_model_config
 from matxfer.config import RunConfig
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, GraphSpec, collate, graph_set_from_parts
@@ -36,13 +36,17 @@ class Predictor:
     task: str
 
 
-def load_predictor(path: Path) -> Predictor:
+def load_predictor(path: Path, foundation: str | None = None) -> Predictor:
     """A fine-tuned PropertyModel from a matxfer checkpoint file (or a folder holding one):
     loaded weights-only and rebuilt from its stored architecture, so neither the foundation
-    weights nor the training data are needed. Always on e3nn, whatever kernels trained it."""
+    weights nor the training data are needed. Always on e3nn, whatever kernels trained it.
+    With physics, its descriptors need the very foundation it was trained with: found only by
+    a known name or as `foundation` (the user's --foundation), and verified against the
+    checkpoint's SHA-256 before it is loaded (checkpoint.trusted_foundation)."""
     model, scaler, cfg, payload = load_checkpoint(path)
-    if model.physics != "off":  # its descriptors need the very foundation it was trained with
-        check_foundation(payload, cfg.model)
+    if model.physics != "off":
+        trusted = trusted_model_config(payload, cfg.model, foundation)
+        cfg = cfg.model_copy(update={"model": trusted})
     return Predictor(model, scaler, cfg, payload["task"])
 
 
@@ -200,9 +204,11 @@ def predict_graphs(predictor: Predictor, graphs: GraphSet, batch_size: int = 32)
     return torch.cat(out).numpy()
 
 
-def predict_files(model_ref: str, files: list[str], batch_size: int = 32) -> pd.DataFrame:
-    """One row per file: file, formula, prediction, std (ensembles), error, unit."""
-    predictors = [load_predictor(p) for p in resolve_models(model_ref)]
+def predict_files(model_ref: str, files: list[str], batch_size: int = 32,
+                  foundation: str | None = None) -> pd.DataFrame:
+    """One row per file: file, formula, prediction, std (ensembles), error, unit.
+    `foundation`: the user's foundation weights file for physics models (load_predictor)."""
+    predictors = [load_predictor(p, foundation) for p in resolve_models(model_ref)]
     specs = {p.model.graph_spec() for p in predictors}
     if len(specs) > 1:
         raise UserError(f"--model {model_ref!r}: an ensemble's members use different backbones "

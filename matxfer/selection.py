@@ -93,7 +93,7 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
         raise RuntimeError(f"{ident.run_name(fold)}: no trial finished with a checkpoint")
     with ckpt.as_directory() as folder:
         model, scaler, cfg, payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE,
-                                                      study.run.data)
+                                                      study.run.data, own=True)
         data = prepare_fold(cfg, model, progress=False, calibrate=False)
         data.scaler = scaler
         device = evaluation_device(study)

@@ -99,7 +99,7 @@ def run_drift(args: argparse.Namespace) -> str:
             checkpoint = Path(args.checkpoint)
             if not checkpoint.exists():
                 raise UserError(f"--checkpoint {args.checkpoint!r} does not exist")
-        result = analyze_drift(checkpoint, args.max_structures)
+        result = analyze_drift(checkpoint, args.max_structures, foundation=args.foundation)
     name = args.run or Path(args.checkpoint).resolve().name.removesuffix(".pt")
     out = Path(args.out or f"runs/analysis/drift-{name}")
     files = {"drift.json": result["result"], "drift.png": result["png"]}
@@ -117,7 +117,7 @@ def run_report(args: argparse.Namespace) -> str:
         raise UserError("report reads MLflow runs: '--tracking-uri off' is not allowed here "
                         "(or pass --results DIR)")
     files = build_report(args.experiment, args.tasks, args.tracking_uri,
-                         Path(args.results) if args.results else None)
+                         Path(args.results) if args.results else None, args.fingerprint)
     out = Path(args.out)
     write_outputs(out, files)
     return files["table1.md"].decode() + f"\nwrote {out}: " + ", ".join(files)

@@ -15,13 +15,13 @@ from matxfer.analysis.drift import (
 )
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
-from matxfer.checkpoint import CHECKPOINT_FILE, check_foundation, load_checkpoint
+from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, starting_model
 from matxfer.config import RunConfig
 from matxfer.datasets.loading import fold_split
 from matxfer.datasets.matbench import subset_ids
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, task_graphs
-from matxfer.model import PropertyModel, build_model
+from matxfer.model import PropertyModel
 from matxfer.storage import SIDECAR
 from matxfer.strategies import block_of
 
@@ -78,12 +78,15 @@ def trained_species(graphs: GraphSet, cfg: RunConfig) -> list[int]:
     return sorted(int(s) for s in torch.unique(species))
 
 
-def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64) -> dict:
+def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64,
+                  foundation: str | None = None) -> dict:
     """Drift per module group, per-element drift over the task's elements, and per-layer CKA of
-    pooled features before/after fine-tuning on (a seeded subset of) the fold's training set."""
+    pooled features before/after fine-tuning on (a seeded subset of) the fold's training set.
+    θ0 is never loaded from a file the checkpoint names: the random twin comes from its stored
+    architecture, pretrained weights from a known name or `foundation` (the user's
+    --foundation), verified against the checkpoint's SHA-256 first."""
     tuned, _, cfg, payload = load_checkpoint(checkpoint)  # weights-only, self-contained
-    start = build_model(cfg.model)  # the same seeded start: pretrained (or random twin) + head
-    check_foundation(payload, cfg.model)  # drift against other weights would mean nothing
+    start = starting_model(payload, cfg.model, foundation)  # the same seeded start + head
     names = [n for n, p in start.named_parameters() if p.requires_grad]
     state, state0 = tuned.state_dict(), start.state_dict()
     z_table = start.graph_spec().z_table

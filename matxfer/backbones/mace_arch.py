@@ -131,6 +131,19 @@ def prebuild(arch: dict) -> None:
     _built_backbone(json.dumps(arch, sort_keys=True))
 
 
+def random_backbone(arch: dict, seed: int) -> torch.nn.Module:
+    """The seeded random twin of a stored architecture, built as `MaceFamily.load` builds it
+    from a model file (under the default dtype, after `torch.manual_seed(seed)`): θ0 of a
+    random-init checkpoint without any file (the caller freezes and casts it)."""
+    if arch.get("class") not in MACE_MODELS:
+        raise ValueError(f"backbone class {arch.get('class')!r} is not one of {MACE_MODELS}")
+    cls, config = mace_class(arch["class"]), decode(arch["config"])
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        return cls(**config)
+
+
 @functools.lru_cache(maxsize=2)
 def _built_backbone(arch_json: str) -> torch.nn.Module:
     arch = json.loads(arch_json)

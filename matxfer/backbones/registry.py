@@ -11,6 +11,7 @@ from matxfer.backbones.mace import MaceFamily
 from matxfer.backbones.mace_arch import architecture as mace_architecture
 from matxfer.backbones.mace_arch import build_backbone as build_mace
 from matxfer.backbones.mace_arch import prebuild as prebuild_mace
+from matxfer.backbones.mace_arch import random_backbone as random_mace
 from matxfer.backbones.names import family_of
 
 _FAMILIES: dict[str, Family] = {"mace": MaceFamily(), "chgnet": ChgnetFamily()}
@@ -60,6 +61,16 @@ def build_backbone(arch: dict) -> nn.Module:
     if arch.get("class") == "CHGNet":
         return build_chgnet(arch)
     return build_mace(arch)
+
+
+def random_backbone(arch: dict, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The seeded random twin of a stored architecture, as `load_backbone(source, 'random',
+    seed, dtype)` builds it from the weights file: a checkpoint's θ0 without any file."""
+    if arch.get("class") == "CHGNet":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build_chgnet(arch)
+    return _FAMILIES["mace"].freeze_unused(random_mace(arch, seed)).to(dtype)
 
 
 def prebuild(arch: dict) -> None:
