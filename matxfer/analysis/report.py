@@ -43,8 +43,16 @@ def stored_unit(task: str, unit: str | None) -> str:
     return TASKS[task].unit if task in TASKS else (unit or "")
 
 
-def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
-    """One row per fold parent run: task, variant, fold, test metric, run id, best trial."""
+COLUMNS = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
+           "best_trial", "subset", "backbone", "backbone_params", "fingerprint", "study"]
+NO_FINGERPRINT = "(no fingerprint)"  # results and runs written before fingerprints
+
+
+def collect_runs(client, experiments: list[str],
+                 fingerprints: list[str] | None = None) -> pd.DataFrame:
+    """One row per fold parent run: task, variant, fold, test metric, run id, best trial,
+    the study's fingerprint. Where one task and variant holds several studies, one is shown
+    (see `pick_studies`)."""
     ids = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)
@@ -66,17 +74,24 @@ def collect_runs(client, experiments: list[str]) -> pd.DataFrame:
                          "best_trial": tags.get("best_trial", ""),
                          "subset": run.data.params.get("max_structures", "None") != "None",
                          "backbone": run.data.params.get("backbone", "small"),
-                         "backbone_params": _int(run.data.params.get("backbone_params"))})
-    columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
-               "best_trial", "subset", "backbone", "backbone_params"]
-    return pd.DataFrame(rows, columns=columns)
+                         "backbone_params": _int(run.data.params.get("backbone_params")),
+                         **_study_of(tags.get("matxfer.fingerprint"), run.info.experiment_id),
+                         "when": run.info.start_time / 1000})
+    return pick_studies(pd.DataFrame(rows, columns=[*COLUMNS, "when"]), fingerprints)
+
+
+def _study_of(fingerprint: str | None, experiment_id: str) -> dict[str, str]:
+    """A run's study: its fingerprint; runs from before fingerprints, one per experiment."""
+    if fingerprint:
+        return {"fingerprint": fingerprint, "study": fingerprint}
+    return {"fingerprint": NO_FINGERPRINT, "study": f"{NO_FINGERPRINT} {experiment_id}"}
 
 
 def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "", "None") else None
 
 
-def collect_results(results_dir: Path) -> pd.DataFrame:
+def collect_results(results_dir: Path, fingerprints: list[str] | None = None) -> pd.DataFrame:
     """The same rows as `collect_runs`, from the files `matxfer tune` writes:
     <results_dir>/<task>/<variant>/<fingerprint>/fold<k>/result.json (no MLflow store
     needed; the older <task>/<variant>/fold<k>/ layout is read too). Where one task and
@@ -101,30 +116,62 @@ def collect_results(results_dir: Path) -> pd.DataFrame:
                      "best_trial": record.get("trial_id", ""),
                      "subset": record.get("max_structures") is not None,
                      "study": str(path.parent.parent),
+                     "fingerprint": record.get("fingerprint") or NO_FINGERPRINT,
+                     "when": path.stat().st_mtime,
                      # records from before backbones were recorded: MACE-MP-0 small
                      "backbone": record.get("backbone", "small"),
                      "backbone_params": record.get("backbone_params")})
     if not rows:
         raise UserError(f"--results {str(results_dir)!r} holds no "
                         f"<task>/<variant>/<fingerprint>/fold<k>/result.json")
-    return pick_studies(pd.DataFrame(rows))
+    return pick_studies(pd.DataFrame(rows), fingerprints)
 
 
-def pick_studies(rows: pd.DataFrame) -> pd.DataFrame:
-    """One study per (task, variant): full data before subsets, then the most folds, then
-    the newest folder; the others are named on stdout, never mixed into a cell."""
-    keep = []
+def pick_studies(rows: pd.DataFrame, fingerprints: list[str] | None = None) -> pd.DataFrame:
+    """One study per (task, variant), never the folds of several mixed in a cell: the one
+    `fingerprints` names (a fingerprint or its first digits), else full data before subsets,
+    then the most folds, then the newest; one line names it and the others. A fold run twice
+    in one study counts once (the newest)."""
+    wanted, used, keep, lines = list(fingerprints or []), set(), [], []
     for (task, variant), group in rows.groupby(["task", "variant"], sort=False):
-        studies = group.groupby("study").agg(subset=("subset", "max"), n=("fold", "nunique"))
-        studies["mtime"] = [Path(s).stat().st_mtime for s in studies.index]
-        studies = studies.sort_values(["subset", "n", "mtime"], ascending=[True, False, False])
-        chosen = studies.index[0]
-        for other in studies.index[1:]:
-            print(f"report: {task} [{variant}]: showing {chosen}, not {other}")
+        group = group.sort_values("when").drop_duplicates(["study", "fold"], keep="last")
+        studies = group.groupby("study").agg(fingerprint=("fingerprint", "first"),
+                                             subset=("subset", "max"), n=("fold", "nunique"),
+                                             when=("when", "max"))
+        studies = studies.sort_values(["subset", "n", "when"], ascending=[True, False, False])
+        matches = {w: [s for s in studies.index if studies.at[s, "fingerprint"].startswith(w)]
+                   for w in wanted}
+        used.update(w for w, m in matches.items() if m)
+        named = sorted({s for m in matches.values() for s in m})
+        if len(named) > 1:
+            raise UserError(f"--fingerprint picks {len(named)} studies of {task} [{variant}]: "
+                            f"{', '.join(studies.loc[named, 'fingerprint'])}; name one per "
+                            "task and variant")
+        chosen = named[0] if named else studies.index[0]
+        if len(studies) > 1:
+            lines.append(_choice_line(task, variant, studies, chosen, bool(named)))
         keep.append(group[group["study"] == chosen])
-    columns = ["task", "variant", "metric", "unit", "fold", "test", "run_id", "experiment_id",
-               "best_trial", "subset", "backbone", "backbone_params"]
-    return pd.concat(keep)[columns].reset_index(drop=True)
+    unknown = [w for w in wanted if w not in used]
+    if unknown:
+        found = sorted(f"{t} [{v}] {f}" for (t, v, f), _ in rows.groupby(
+            ["task", "variant", "fingerprint"]))
+        raise UserError(f"--fingerprint {unknown[0]!r} names no study here; studies: "
+                        f"{'; '.join(found) or 'none'}")
+    print(*lines, sep="\n", end="\n" if lines else "")
+    return (pd.concat(keep) if keep else rows)[COLUMNS].reset_index(drop=True)
+
+
+def _choice_line(task: str, variant: str, studies: pd.DataFrame, chosen: str,
+                 picked: bool) -> str:
+    def about(s: str, how: str = "") -> str:
+        row = studies.loc[s]
+        return (f"{row['fingerprint']} ({row['n']} fold{'s' if row['n'] > 1 else ''}"
+                f"{', subset' if row['subset'] else ''}{how})")
+
+    others = ", ".join(about(s) for s in studies.index if s != chosen)
+    how = "; picked by --fingerprint" if picked else "; the most complete, then newest"
+    return (f"report: {task} [{variant}]: showing study {about(chosen, how)}, not {others}; "
+            "pick another with --fingerprint")
 
 
 def _cell(values: pd.Series, subset: bool = False) -> str:
@@ -163,6 +210,10 @@ def table1(runs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
         else:
             row["MP0 vs RI"] = relative(ri, mp0)
         row["MP0 vs JMP-S"] = relative(JMP_S.get(task), mp0)
+        if "fingerprint" in part:  # which study each cell shows
+            shown = part.drop_duplicates("variant").set_index("variant")["fingerprint"]
+            row["studies"] = "; ".join(f"{v} {shown[v]}" for v in columns
+                                       if v in shown) or "-"
         rows.append(row)
     table = pd.DataFrame(rows)
     if not any(t in MATBENCH_TOP or t in JMP_S for t in tasks):  # your own data only
@@ -180,11 +231,12 @@ def backbone_table(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append({"task": task, "variant": variant,
                      "backbone": part["backbone"].iloc[0] if "backbone" in part else "-",
                      "parameters": f"{int(params.iloc[0]):,}" if len(params) else "-",
+                     "study": part["fingerprint"].iloc[0] if "fingerprint" in part else "-",
                      "test": _cell(part["test"], bool(part["subset"].any())),
                      "per fold": " ".join(f"{k}:{v:.4g}" for k, v in zip(part["fold"],
                                                                         part["test"]))})
-    return pd.DataFrame(rows, columns=["task", "variant", "backbone", "parameters", "test",
-                                       "per fold"])
+    return pd.DataFrame(rows, columns=["task", "variant", "backbone", "parameters", "study",
+                                       "test", "per fold"])
 
 
 def best_child_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
@@ -229,11 +281,12 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def build_report(experiments: list[str] | None, tasks: list[str] | None,
-                 tracking_uri: str | None = None,
-                 results_dir: Path | None = None) -> dict[str, object]:
+                 tracking_uri: str | None = None, results_dir: Path | None = None,
+                 fingerprints: list[str] | None = None) -> dict[str, object]:
     """The report's files: table1.md/.csv, runs.csv and the Figure 1 panels (PNG bytes).
     From MLflow parent runs (`experiments`), or from result files (`results_dir`: Table 1
-    and the per-fold panel; the training curves live in MLflow only)."""
+    and the per-fold panel; the training curves live in MLflow only). One study per task
+    and variant: the one `fingerprints` names, else the most complete, then newest."""
     from matxfer.analysis import figures
 
     for task in tasks or []:  # Matbench's names are known before any work
@@ -241,11 +294,11 @@ def build_report(experiments: list[str] | None, tasks: list[str] | None,
             raise UserError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}, or your "
                             "dataset's name")
     if results_dir is not None:
-        runs = collect_results(results_dir)
+        runs = collect_results(results_dir, fingerprints)
         curves = pd.DataFrame(columns=["task", "variant", "fold", "epoch", *CURVE_KEYS])
     else:
         client = _client(tracking_uri)
-        runs = collect_runs(client, experiments or [])
+        runs = collect_runs(client, experiments or [], fingerprints)
         curves = best_child_curves(client, runs)
     unknown = sorted(set(tasks or []) - set(runs["task"]) - set(TASKS))
     if unknown:
