@@ -105,7 +105,27 @@ def identify(study: StudyConfig, data_sha256: str, weights_sha256: str) -> Study
     task = study.run.data.task
     folder = (Path(study.study_dir) if study.study_dir
               else Path(study.output_dir) / task / study.name / fp)
-    return StudyIdentity(task, study.name, fp, settings, folder, study.study_dir is not None)
+    ident = StudyIdentity(task, study.name, fp, settings, folder, study.study_dir is not None)
+    return earlier_identity(study, ident) or ident
+
+
+def earlier_identity(study: StudyConfig, ident: StudyIdentity) -> StudyIdentity | None:
+    """The same study as fingerprinted before the data's path left the fingerprint (your own
+    data, matxfer 0.1.0), when its study.json is where it would be: it keeps that
+    fingerprint and folder, so its finished folds are skipped and interrupted ones resumed."""
+    source = study.run.data.source
+    if source is None:
+        return None
+    settings = dict(sorted({**ident.settings, "run.data.source.path": source.path}.items()))
+    fp = fingerprint(settings)
+    folder = ident.folder if ident.pinned else ident.folder.parent / fp
+    try:
+        recorded = json.loads((folder / STUDY_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if recorded != fp:
+        return None
+    return StudyIdentity(ident.task, ident.variant, fp, settings, folder, ident.pinned)
 
 
 def folder_conflict(ident: StudyIdentity) -> str | None:

@@ -1,11 +1,19 @@
 """A study's identity is its content: where the data lies is not part of the fingerprint."""
 
+import json
 import shutil
 from pathlib import Path
 
 from matxfer.config import load_study_config
 from matxfer.datasets.sources import source_sha256
-from matxfer.identity import claim_folder, fingerprint, folder_conflict, identify, study_settings
+from matxfer.identity import (
+    claim_folder,
+    fingerprint,
+    fold_status,
+    folder_conflict,
+    identify,
+    study_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV_CONFIG = ROOT / "tune_configs/examples/custom_csv.yaml"
@@ -59,3 +67,34 @@ def test_the_settings_that_read_the_data_stay_in_the_fingerprint(tmp_path):
                    {"run.data.split.k": 2}, {"run.data.source.skip_bad_rows": True}):
         study = load_study_config(CSV_CONFIG, {"run.data.source.path": str(table), **change})
         assert fingerprint(study_settings(study, sha, "w" * 64)) != fp, change
+
+
+def test_a_study_fingerprinted_with_its_data_path_is_still_found_and_reused(tmp_path):
+    """Studies of your own data fingerprinted when the path was part of the fingerprint keep
+    their folder and fingerprint while the data stays where it was: their finished folds
+    are skipped, not computed again in a new folder (pinned study_dir or not)."""
+    table = own_data(tmp_path / "data")
+    for pinned in (None, str(tmp_path / "pinned")):
+        study = load_study_config(CSV_CONFIG, {"run.data.source.path": str(table),
+                                               "output_dir": str(tmp_path / "studies"),
+                                               "study_dir": pinned})
+        now = identify(study, source_sha256(study.run.data.source), "w" * 64)
+        earlier = {**now.settings, "run.data.source.path": str(table)}
+        old_fp = fingerprint(earlier)
+        folder = Path(pinned) if pinned else now.folder.parent / old_fp
+        (folder / "fold0").mkdir(parents=True)
+        (folder / "study.json").write_text(json.dumps(
+            {"fingerprint": old_fp, "task": now.task, "variant": now.variant,
+             "settings": earlier}))
+        (folder / "fold0/result.json").write_text(json.dumps({"fingerprint": old_fp}))
+        again = identify(study, source_sha256(study.run.data.source), "w" * 64)
+        assert (again.fingerprint, again.folder) == (old_fp, folder)
+        assert folder_conflict(again) is None
+        assert fold_status(again, 0, str(tmp_path / "ray")) == "finished"
+        # moved elsewhere, the data is a new study (as before), under the new fingerprint
+        moved = tmp_path / "moved"
+        shutil.copytree(table.parent, moved, dirs_exist_ok=True)
+        study = load_study_config(CSV_CONFIG, {"run.data.source.path": str(moved / "labels.csv"),
+                                               "output_dir": str(tmp_path / "studies")})
+        assert identify(study, source_sha256(study.run.data.source), "w" * 64).fingerprint \
+            == now.fingerprint
