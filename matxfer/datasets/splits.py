@@ -139,6 +139,18 @@ def validation_pick(train: list[str], targets: np.ndarray, groups: Sequence | No
     return [train[i] for i in rng.permutation(len(train))[:n_val]]
 
 
+def _check_part_classes(fold: int, parts: dict[str, np.ndarray]) -> None:
+    """Training and validation must each hold both classes (validation's ROC-AUC picks the
+    trial): UserError with the counts otherwise."""
+    for name, y in parts.items():
+        ones = int((y == 1).sum())
+        if ones in (0, len(y)):
+            raise UserError(f"classification: fold {fold}'s {name} part keeps {ones} of class 1 "
+                            f"and {len(y) - ones} of class 0 after the validation split; each "
+                            "part needs both classes: lower split.k, raise data.val_fraction or "
+                            "add rows of the rarer class")
+
+
 def _group_pick(train: list[str], groups: Sequence, n_val: int,
                 rng: np.random.Generator) -> list[str]:
     """Whole groups in a seeded order until validation holds `n_val` rows, skipping a group
@@ -174,9 +186,8 @@ def custom_fold_split(ids: list[str], targets: np.ndarray, groups: Sequence | No
     val = set(validation_pick(train, targets[rows], inner_groups, data.val_fraction,
                               data.val_seed, classification))
     kept = [r for r in rows if ids[r] not in val]
-    if classification and len(np.unique(targets[kept])) < 2:
-        ones = int((targets[kept] == 1).sum())
-        raise UserError(f"classification: fold {data.fold}'s training part keeps {ones} of "
-                        f"class 1 and {len(kept) - ones} of class 0 after its validation split; "
-                        "lower split.k or add rows of the rarer class")
+    if classification:
+        picked = [r for r in rows if ids[r] in val]
+        _check_part_classes(data.fold, {"training": targets[kept], "validation":
+                                        targets[picked]})
     return FoldSplit(spec.name, data.fold, [ids[r] for r in kept], sorted(val), test)

@@ -181,3 +181,14 @@ def test_a_training_part_left_with_one_class_by_its_validation_split_is_refused(
     with pytest.raises(UserError, match="training part keeps 0 of class 1") as err:
         custom_fold_split([f"r{i}" for i in range(20)], y, None, cfg)
     assert "\n" not in str(err.value)
+
+
+def test_a_grouped_validation_part_with_one_class_only_is_refused():
+    # every formula is of one class; 10% validation is one formula: a single class
+    y = np.array([float(g % 2) for g in range(20) for _ in range(2)])
+    groups = [f"g{g}" for g in range(20) for _ in range(2)]
+    cfg = DataConfig(task="salts", source={"path": "x", "target": "y", "kind": "classification"},
+                     split={"method": "group-composition", "k": 2})
+    with pytest.raises(UserError, match="validation part keeps") as err:
+        custom_fold_split([f"r{i}" for i in range(40)], y, groups, cfg)
+    assert "\n" not in str(err.value)
