@@ -76,7 +76,7 @@ def collect_runs(client, experiments: list[str],
                          "backbone": run.data.params.get("backbone", "small"),
                          "backbone_params": _int(run.data.params.get("backbone_params")),
                          **_study_of(tags.get("matxfer.fingerprint"), run.info.experiment_id),
-                         "when": run.info.start_time / 1000})
+                         "when": (run.info.start_time or 0) / 1000})
     return pick_studies(pd.DataFrame(rows, columns=[*COLUMNS, "when"]), fingerprints)
 
 
