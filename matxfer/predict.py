@@ -20,7 +20,7 @@ import torch
 from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, trusted_model_config
 from matxfer.config import RunConfig
 from matxfer.errors import UserError
-from matxfer.graphs import GraphSet, GraphSpec, collate, graph_set_from_parts
+from matxfer.graphs import GraphSet, GraphSpec, collate, graph_set_from_parts, structure_arrays
 from matxfer.model import PropertyModel, TargetScaler
 from matxfer.physics.cache import compute, potential_of
 from matxfer.physics.potential import frame_of
@@ -97,8 +97,10 @@ def structure_format(path: Path) -> str | None:
 
 
 def read_structure(path: Path):
-    """A pymatgen Structure from CIF, POSCAR/CONTCAR/.vasp, extxyz/.xyz or pymatgen JSON;
-    ValueError naming what is wrong with the file otherwise."""
+    """The structure of a file, read as training reads it: extxyz/.xyz as an ase.Atoms with
+    its own pbc (a molecule stays a molecule, as in matxfer.datasets.sources), CIF,
+    POSCAR/CONTCAR/.vasp and pymatgen JSON as pymatgen objects; BadStructure naming what is
+    wrong with the file otherwise."""
     import warnings
 
     if not path.exists():
@@ -123,9 +125,8 @@ def _read_structure(path: Path, kind: str):
         return Structure.from_dict(json.loads(path.read_text()))
     if kind == "extxyz":
         from ase.io import read
-        from pymatgen.io.ase import AseAtomsAdaptor
 
-        return AseAtomsAdaptor.get_structure(read(path, format="extxyz"))
+        return read(path, format="extxyz")
     return Structure.from_file(path)
 
 
@@ -136,21 +137,38 @@ MAX_CELL_LENGTH = 500.0  # Å
 
 def check_structure(structure) -> None:
     """Refuse what no fine-tuned model can predict sensibly: empty or degenerate cells,
-    overlapping atoms, huge cells (BadStructure with the reason)."""
-    n = len(structure)
+    overlapping atoms, huge cells or molecules (BadStructure with the reason); periodic only
+    along the directions the structure's pbc says (graphs.structure_arrays)."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    numbers, positions, cell, pbc = structure_arrays(structure)
+    n = len(numbers)
     if n == 0:
         raise BadStructure("no atoms")
     if n > MAX_ATOMS:
         raise BadStructure(f"{n} atoms; at most {MAX_ATOMS} are allowed")
-    lengths = structure.lattice.abc
-    if structure.lattice.volume < 1e-3 or min(lengths) < 1e-3:
-        raise BadStructure(f"degenerate cell (volume {structure.lattice.volume:.3g} Å³)")
-    if max(lengths) > MAX_CELL_LENGTH:
-        raise BadStructure(f"cell vector of {max(lengths):.4g} Å; at most {MAX_CELL_LENGTH} Å")
-    centers, _, _, distances = structure.get_neighbor_list(MIN_DISTANCE)
-    if len(centers):
+    cell = np.zeros((3, 3)) if cell is None else cell
+    lengths = np.linalg.norm(cell, axis=1)[list(pbc)]
+    volume = abs(np.linalg.det(cell))
+    if len(lengths) and (min(lengths) < 1e-3 or (all(pbc) and volume < 1e-3)):
+        raise BadStructure(f"degenerate cell (volume {volume:.3g} Å³)")
+    extent = max([*lengths, *np.ptp(positions, axis=0)])
+    if extent > MAX_CELL_LENGTH:
+        what = "cell vector" if len(lengths) and max(lengths) == extent else "extent"
+        raise BadStructure(f"{what} of {extent:.4g} Å; at most {MAX_CELL_LENGTH} Å")
+    distances = primitive_neighbor_list("d", pbc, cell, positions, MIN_DISTANCE)
+    if len(distances):
         raise BadStructure(f"atoms {distances.min():.3g} Å apart (overlapping; minimum "
-                         f"{MIN_DISTANCE} Å)")
+                           f"{MIN_DISTANCE} Å)")
+
+
+def reduced_formula(structure) -> str:
+    """The reduced formula of a pymatgen structure or an ase.Atoms."""
+    from pymatgen.core import Composition
+
+    if hasattr(structure, "composition"):
+        return structure.composition.reduced_formula
+    return Composition(structure.get_chemical_formula()).reduced_formula
 
 
 def prepare(files: list[Path], spec: GraphSpec) -> tuple[GraphSet | None, list]:
@@ -167,7 +185,7 @@ def prepare(files: list[Path], spec: GraphSpec) -> tuple[GraphSet | None, list]:
         return None, errors
     graphs = graph_set_from_parts([str(r[0]) for r in rows], [r[2] for r in rows],
                                   np.zeros(len(rows)), spec.z_table, spec.dtype)
-    graphs.formulas = [r[1].composition.reduced_formula for r in rows]
+    graphs.formulas = [reduced_formula(r[1]) for r in rows]
     graphs.structures = [r[1] for r in rows]
     return graphs, errors
 
