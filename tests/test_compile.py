@@ -25,7 +25,9 @@ def test_the_compile_ready_backbone_is_the_same_model(backbone, jdft2d_graphs):
     twin.backbone = ready
     batch = {k: v.double() if v.is_floating_point() else v
              for k, v in collate(jdft2d_graphs, list(range(6))).items()}
-    assert torch.allclose(plain(batch)[0], twin(batch)[0], rtol=0, atol=1e-12)
+    # float64; the twin runs the same operations without e3nn's generated code, so sums may
+    # be reordered: ~1e3 terms of magnitude <= 1e2 give at most ~1e-11 of round-off
+    assert torch.allclose(plain(batch)[0], twin(batch)[0], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow

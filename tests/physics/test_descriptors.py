@@ -173,7 +173,14 @@ def test_batched_descriptors_equal_one_structure_at_a_time(potential):
     names = ("phonon_max", "phonon_mean", "bulk_modulus_eos", "k_vrh", "energy_per_atom")
     together = describe(atoms, potential, *names)
     alone = np.concatenate([describe([a], potential, *names) for a in atoms])
-    np.testing.assert_allclose(together, alone, rtol=1e-9, atol=1e-9)
+    # float64 forces and stresses differ by round-off (~1e-15 relative) when a batch reorders
+    # sums; finite differences over h = 0.01 amplify that 100x, so the Hessian and elastic
+    # descriptors agree to far better than 1e-9. The EOS modulus is a least-squares fit
+    # (scipy's curve_fit, MINPACK xtol = 1.49e-8): it stops anywhere within ~xtol of the
+    # optimum, so two fits of round-off-different energies may differ by a few xtol (2.7e-8
+    # seen on an AVX-512 EPYC); 1e-6 bounds that with margin.
+    rtol = np.array([1e-6 if n == "bulk_modulus_eos" else 1e-9 for n in names])
+    np.testing.assert_array_less(np.abs(together - alone), rtol * np.abs(alone) + 1e-9)
     assert np.isfinite(together).all()
 
 
