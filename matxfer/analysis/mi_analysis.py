@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -40,7 +41,8 @@ def task_features(data: DataConfig, init: str, source: str = "small", pooling: s
     keep = subset_ids(list(graphs.ids), max_structures)
     rows = [i for i, mbid in enumerate(graphs.ids) if keep is None or mbid in keep]
     task = data.task
-    graph_key = cache_key(task, spec, source_id(data))
+    used = hashlib.sha256("\n".join(graphs.ids[r] for r in rows).encode()).hexdigest()[:16]
+    graph_key = cache_key(task, spec, f"{source_id(data)}|rows={used}")  # the study's rows
     key = features_key(graph_key, file_sha256(str(weights_file(source))), init,
                        0, pooling)
     path = feature_cache_path(f"{task}-{init}-{len(rows)}", key)

@@ -4,6 +4,7 @@ is loaded, with the same outcome on a fresh cache and on one another study built
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -103,3 +104,27 @@ def test_a_row_without_its_fold_label_is_refused_naming_it(fmt, tmp_path):
         fold_split(cfg, graphs)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "c").glob("*.pt"))  # nothing half-written
+
+
+def test_cached_features_follow_the_studys_rows_not_only_their_count(tmp_path, monkeypatch):
+    from matxfer.analysis.mi_analysis import task_features
+
+    images = crystals()
+    images[1].info["y"] = images[6].info["y"] = -5.0  # a log_target study drops these two
+    images[10].info.pop("mine")  # a column study drops these two: 22 rows either way
+    images[20].info.pop("mine")
+    path = tmp_path / "salts.extxyz"
+    write(path, images, format="extxyz")
+    log = DataConfig(task="salts", source=source(path, log_target=True, skip_bad_rows=True))
+    labelled = DataConfig(task="salts", source=source(path, skip_bad_rows=True),
+                          split={"method": "column", "column": "mine", "k": 3})
+
+    def features(data, cache):
+        monkeypatch.setenv("MATXFER_CACHE", str(tmp_path / cache))
+        return task_features(data, "pretrained", progress=False, batch_size=32)
+
+    features(log, "shared")
+    after, y_after = features(labelled, "shared")
+    alone, y_alone = features(labelled, "fresh")
+    assert len(y_after) == 22 and list(y_after) == list(y_alone)
+    assert all(np.allclose(after[k], alone[k]) for k in alone)
