@@ -1,9 +1,10 @@
 """Fine-tuned model(s) -> predictions for new structures (CIF, POSCAR, extxyz, pymatgen JSON).
 
 `--model` is a checkpoint file or folder, a registered model with an alias (`name@fold0`, the
-newest study's model of fold 0; `name@fold0-<fingerprint>`, one study's), or a registered model
-name alone: then every `fold<k>` alias is loaded and the ensemble's mean and standard deviation
-are reported.
+newest study's model of fold 0; `name@fold0-<fingerprint>`, one study's), a registered model
+with a study's fingerprint (`name@<fingerprint>`: every fold that study registered), or a
+registered model name alone: then every `fold<k>` alias is loaded, provided they all point at
+one study's models, and the ensemble's mean and standard deviation are reported.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def load_predictor(path: Path, foundation: str | None = None) -> Predictor:
 
 
 def resolve_models(ref: str) -> list[Path]:
-    """Local checkpoint, `name@alias`, or `name` (all fold aliases) -> checkpoint paths."""
+    """Local checkpoint, `name@alias`, `name@<fingerprint>` (one study's fold models) or
+    `name` (the `fold<k>` aliases, when they all belong to one study) -> checkpoint paths."""
     if Path(ref).exists():
         return [Path(ref)]
     import mlflow
@@ -62,17 +64,51 @@ def resolve_models(ref: str) -> list[Path]:
     mlflow.set_tracking_uri(resolve_tracking_uri())
     name, _, alias = ref.partition("@")
     try:
-        aliases = [alias] if alias else sorted(
-            a for a in MlflowClient().get_registered_model(name).aliases
-            if re.fullmatch(r"fold\d+", a))
-        if not aliases:
-            raise UserError(f"registered model {name!r} has no fold aliases")
+        aliases = registry_aliases(MlflowClient(), name, alias)
         return [Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{a}")) for a in aliases]
     except UserError:
         raise
     except Exception as err:
         raise UserError(f"--model {ref!r}: not a checkpoint path nor a registered model "
                         f"({str(err).splitlines()[0][:200]})") from None
+
+
+def registry_aliases(client, name: str, alias: str) -> list[str]:
+    """The aliases of registered model `name` that `alias` means: itself; the
+    `fold<k>-<alias>` aliases when it is a study's fingerprint; without one, the `fold<k>`
+    aliases, refused when their versions come from different studies (fingerprint tags)."""
+    known = client.get_registered_model(name).aliases
+    if alias and alias not in known:
+        study = sorted((a for a in known if re.fullmatch(rf"fold\d+-{re.escape(alias)}", a)),
+                       key=_fold_number)
+        return study or [alias]  # an unknown alias: mlflow's own message
+    if alias:
+        return [alias]
+    folds = sorted((a for a in known if re.fullmatch(r"fold\d+", a)), key=_fold_number)
+    if not folds:
+        raise UserError(f"registered model {name!r} has no fold aliases")
+    study_of = {a: client.get_model_version(name, known[a]).tags.get("matxfer.fingerprint")
+                for a in folds}
+    if len(set(study_of.values())) > 1:
+        raise UserError(f"registered model {name!r}: its fold aliases belong to different "
+                        f"studies ({_studies(known, study_of)}); ensemble one study with "
+                        f"--model {name}@<fingerprint>, e.g. {name}@{study_of[folds[0]]}")
+    return folds
+
+
+def _fold_number(alias: str) -> int:
+    return int(re.match(r"fold(\d+)", alias).group(1))
+
+
+def _studies(known: dict, study_of: dict) -> str:
+    """'<fp>: fold0 fold1 (registered folds 0-4); ...' per study the fold aliases point at."""
+    parts = []
+    for study in dict.fromkeys(study_of.values()):
+        held = " ".join(a for a, s in study_of.items() if s == study)
+        own = sorted(_fold_number(a) for a in known if study and a.endswith(f"-{study}"))
+        parts.append(f"{study or 'untagged'}: {held}" +
+                     (f" (its folds: {', '.join(map(str, own))})" if own else ""))
+    return "; ".join(parts)
 
 
 class BadStructure(ValueError):
