@@ -43,8 +43,9 @@ def load_rows(data: DataConfig) -> Loaded:
 
 
 def stream_rows(data: DataConfig, skipped: list) -> Iterator[tuple[str, object, float]]:
-    """(id, structure, target) of every usable row, one at a time (bad rows skipped into
-    `skipped` when allowed): what the graph cache is built from."""
+    """(id, structure, target) of every readable row (a structure and a numeric target),
+    one at a time (bad rows skipped into `skipped` when allowed): what the graph cache is
+    built from; the study's own row filters come after it (`usable_graphs`)."""
     if data.source is None:
         frame = matbench.load_task(data.task, data.data_dir)
         yield from zip(frame.index, frame["structure"], frame["target"])
