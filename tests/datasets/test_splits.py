@@ -126,7 +126,7 @@ def test_bad_split_settings_are_refused_by_the_config(tree, needle):
 def test_a_matbench_name_or_a_split_without_source_is_refused():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="not starting with 'matbench_'"):
+    with pytest.raises(ValidationError, match="not with 'matbench_'"):
         DataConfig(task="matbench_jdft2d", source={"path": "x", "target": "y"})
     with pytest.raises(ValidationError, match="data.split applies to your own data"):
         DataConfig(task="matbench_jdft2d", split={"k": 3})
