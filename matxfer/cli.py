@@ -149,6 +149,8 @@ def add_analysis_parsers(sub) -> None:
                        help="training-fold structures for CKA")
     drift.add_argument("--out", help="output folder (default runs/analysis/drift-<name>)")
     drift.add_argument("--foundation", metavar="PATH", help=FOUNDATION_HELP)
+    drift.add_argument("--data", metavar="PATH", help="your data file the checkpoint was "
+                       "trained on (instead of the path it records)")
     report = sub.add_parser("report", help="Table 1 and Figure 1 panels from MLflow runs")
     source = report.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", nargs="+", help="MLflow experiment(s)")

@@ -214,3 +214,33 @@ def test_convert_unpickles_only_the_old_file_the_user_names(evil, tmp_path, caps
     assert main(["checkpoint", "convert", str(tmp_path / "old"), str(new), "--foundation",
                  str(small)]) == 0
     assert (new / CHECKPOINT_FILE).is_file() and not marker.exists()
+
+
+class Marker:
+    """What a DataFrame JSON may name (`@module`/`@class`): its reader imports the module and
+    calls the class's from_dict, here creating the marker file the dict names."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        Path(d["marker"]).touch()
+        return cls()
+
+
+def test_drift_never_decodes_objects_in_a_data_file_the_checkpoint_names(tmp_path, capsys):
+    import json
+
+    marker, data = tmp_path / "DECODED", tmp_path / "ckpt" / "data.json"
+    data.parent.mkdir()
+    row = {"@module": __name__, "@class": "Marker", "marker": str(marker)}
+    data.write_text(json.dumps({"columns": ["structure", "y"], "index": [0],
+                                "data": [[row, 1.0]]}))
+    payload = real_payload()
+    payload["config"]["data"].update(
+        task="received", fold=0, source={"path": str(data), "target": "y"},
+        split={"method": "kfold", "k": 2})
+    save_checked(payload, data.parent / CHECKPOINT_FILE)
+    args = ["analyze", "drift", "--checkpoint", str(data.parent), "--max-structures", "8",
+            "--out", str(tmp_path / "drift"), "--tracking-uri", "off"]
+    assert main(args) == 2
+    err = one_line_refusal(capsys)
+    assert "--data" in err and not marker.exists() and not (tmp_path / "drift").exists()

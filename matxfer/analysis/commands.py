@@ -99,7 +99,8 @@ def run_drift(args: argparse.Namespace) -> str:
             checkpoint = Path(args.checkpoint)
             if not checkpoint.exists():
                 raise UserError(f"--checkpoint {args.checkpoint!r} does not exist")
-        result = analyze_drift(checkpoint, args.max_structures, foundation=args.foundation)
+        result = analyze_drift(checkpoint, args.max_structures, foundation=args.foundation,
+                               data=args.data)
     name = args.run or Path(args.checkpoint).resolve().name.removesuffix(".pt")
     out = Path(args.out or f"runs/analysis/drift-{name}")
     files = {"drift.json": result["result"], "drift.png": result["png"]}

@@ -19,6 +19,7 @@ from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, starting_model
 from matxfer.config import RunConfig
 from matxfer.datasets.loading import fold_split
 from matxfer.datasets.matbench import subset_ids
+from matxfer.datasets.sources import source_format
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, task_graphs
 from matxfer.model import PropertyModel
@@ -78,14 +79,35 @@ def trained_species(graphs: GraphSet, cfg: RunConfig) -> list[int]:
     return sorted(int(s) for s in torch.unique(species))
 
 
+def received_data(cfg: RunConfig, data: str | None) -> RunConfig:
+    """`cfg` reading your data from `data` (--data) when given. Without it, a checkpoint's own
+    data path is read only in formats that hold no objects: a DataFrame JSON's reader imports
+    and instantiates the classes it names (MontyDecoder), so that file must be named by you."""
+    source = cfg.data.source
+    if source is None:
+        if data is not None:
+            raise UserError("--data applies to a checkpoint of your own data; this one was "
+                            f"trained on Matbench's {cfg.data.task}")
+        return cfg
+    if data is not None:
+        source = source.model_copy(update={"path": data})
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+    if source_format(source) == "dataframe-json":
+        raise UserError(f"the checkpoint's data {Path(source.path).name!r} is a DataFrame JSON, "
+                        "whose reader instantiates the objects it names; pass your copy of "
+                        "that file with --data PATH")
+    return cfg
+
+
 def analyze_drift(checkpoint: Path, max_structures: int = 500, batch_size: int = 64,
-                  foundation: str | None = None) -> dict:
+                  foundation: str | None = None, data: str | None = None) -> dict:
     """Drift per module group, per-element drift over the task's elements, and per-layer CKA of
     pooled features before/after fine-tuning on (a seeded subset of) the fold's training set.
     θ0 is never loaded from a file the checkpoint names: the random twin comes from its stored
     architecture, pretrained weights from a known name or `foundation` (the user's
     --foundation), verified against the checkpoint's SHA-256 first."""
     tuned, _, cfg, payload = load_checkpoint(checkpoint)  # weights-only, self-contained
+    cfg = received_data(cfg, data)
     start = starting_model(payload, cfg.model, foundation)  # the same seeded start + head
     names = [n for n, p in start.named_parameters() if p.requires_grad]
     state, state0 = tuned.state_dict(), start.state_dict()
