@@ -19,6 +19,7 @@ import pandas as pd
 
 from matxfer.config import SourceConfig
 from matxfer.errors import UserError
+from matxfer.storage import sha256_file
 
 FORMATS_BY_SUFFIX = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase-db", ".csv": "csv",
                      ".parquet": "parquet", ".json": "dataframe-json", ".gz": "dataframe-json"}
@@ -75,10 +76,8 @@ def source_sha256(src: SourceConfig) -> str:
     if not Path(src.path).is_file():
         raise UserError(f"data.source.path {src.path!r} does not exist")
     for path in source_files(src):
-        try:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+        try:  # one digest per file: content moved across a file boundary changes the hash
+            digest.update(sha256_file(Path(path)).encode())
         except OSError as err:
             raise UserError(f"data.source {src.path!r}: cannot read {str(path)!r} "
                             f"({err.strerror})") from None

@@ -138,3 +138,19 @@ def test_an_element_outside_the_model_is_named_or_skipped():
                              GraphSpec((1, 8), 5.0, torch.float64), progress=False,
                              skip_bad=True)
     assert graphs.ids == ["x"] and graphs.skipped[0][0] == "NaCl-0"
+
+
+def test_the_data_hash_separates_files_content_moved_between_two_files_changes_it(tmp_path):
+    from matxfer.config import SourceConfig
+    from matxfer.datasets.sources import source_sha256
+
+    hashes = []
+    for first, second in ((b"X\nY", b"Z"), (b"X\n", b"YZ")):
+        folder = tmp_path / f"case{len(hashes)}"
+        folder.mkdir()
+        (folder / "a.cif").write_bytes(first)
+        (folder / "b.cif").write_bytes(second)
+        (folder / "labels.csv").write_text("id,file,y\na,a.cif,1\nb,b.cif,2\n")
+        hashes.append(source_sha256(SourceConfig(path=str(folder / "labels.csv"), target="y",
+                                                 id_key="id", structure_column="file")))
+    assert hashes[0] != hashes[1]
