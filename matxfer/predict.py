@@ -158,12 +158,27 @@ def _read_structure(path: Path, kind: str):
     from pymatgen.core import Structure
 
     if kind == "pymatgen JSON":
-        return Structure.from_dict(json.loads(path.read_text()))
+        tree = json.loads(path.read_text())
+        if _encoded_objects(tree.get("properties")) or any(
+                _encoded_objects(site.get("properties")) for site in tree.get("sites", [])):
+            # pymatgen decodes properties with MontyDecoder, which imports what they name
+            raise BadStructure("its properties hold encoded objects (@module); only plain "
+                               "values are read")
+        return Structure.from_dict(tree)
     if kind == "extxyz":
         from ase.io import read
 
         return read(path, format="extxyz")
     return Structure.from_file(path)
+
+
+def _encoded_objects(value) -> bool:
+    """Whether a JSON value holds a dict naming a module (MontyDecoder's @module)."""
+    if isinstance(value, dict):
+        return "@module" in value or any(_encoded_objects(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_encoded_objects(v) for v in value)
+    return False
 
 
 MIN_DISTANCE = 0.5  # Å: closer atoms are a broken file, not a material

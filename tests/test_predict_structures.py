@@ -95,3 +95,33 @@ def test_unusable_molecules_are_refused_with_their_reason(atoms, needle, tmp_pat
     write(path, atoms, format="extxyz")
     graphs, errors = prepare([path], SPEC)
     assert graphs is None and needle in errors[0]["error"], errors
+
+
+class Marker:
+    """What a site property may name (`@module`/`@class`): pymatgen's Site.from_dict would
+    import the module and call from_dict, here creating the marker file."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        Path(d["marker"]).touch()
+        return cls()
+
+
+def test_a_pymatgen_json_with_encoded_objects_in_its_site_properties_is_not_decoded(tmp_path):
+    import json
+
+    from pymatgen.core import Lattice, Structure
+
+    marker = tmp_path / "DECODED"
+    nacl = Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    tree = nacl.as_dict()
+    tree["sites"][0]["properties"] = {"tag": {"@module": __name__, "@class": "Marker",
+                                              "marker": str(marker)}}
+    path = tmp_path / "nacl.json"
+    path.write_text(json.dumps(tree))
+    graphs, errors = prepare([path], SPEC)
+    assert graphs is None and not marker.exists()
+    assert "encoded objects" in errors[0]["error"], errors
+    tree["sites"][0]["properties"] = {"magmom": 0.5}  # plain values are read as before
+    path.write_text(json.dumps(tree))
+    assert prepare([path], SPEC)[1] == []
