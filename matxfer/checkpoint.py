@@ -23,7 +23,7 @@ from matxfer.backbones.mace import mace_names
 from matxfer.backbones.names import family_of
 from matxfer.backbones.quiet_mace import import_mace
 from matxfer.backbones.registry import architecture, build_backbone, random_backbone
-from matxfer.config import DataConfig, ModelConfig, RunConfig, format_validation_error
+from matxfer.config import DataConfig, ModelConfig, RunConfig, derive, format_validation_error
 from matxfer.errors import UserError
 from matxfer.model import (
     PropertyModel,
@@ -131,7 +131,7 @@ def trusted_model_config(payload: dict, cfg: ModelConfig, explicit: str | None =
     path = trusted_foundation(payload, cfg.source, explicit)
     if family_of(cfg.source) == "chgnet":
         return cfg
-    return cfg.model_copy(update={"source": str(path)})
+    return derive(cfg, {"source": str(path)})
 
 
 def starting_model(payload: dict, cfg: ModelConfig, explicit: str | None = None,
@@ -278,7 +278,7 @@ def convert_foundation(cfg: ModelConfig, old_path: Path, explicit: str | None) -
     if explicit is not None:
         if not Path(explicit).is_file():
             raise UserError(f"--foundation {explicit!r} is not a file")
-        return cfg.model_copy(update={"source": str(Path(explicit))})
+        return derive(cfg, {"source": str(Path(explicit))})
     if family_of(cfg.source) == "mace" and cfg.source not in mace_names():
         raise UserError(f"{str(old_path)!r} started from the model file "
                         f"{Path(cfg.source).name!r}; pass that file with --foundation PATH "
@@ -313,7 +313,7 @@ def convert_checkpoint(old_path: str | Path, new_path: str | Path,
     except Exception as err:
         raise UserError(f"{str(old_path)!r} is not an old matxfer checkpoint "
                         f"({type(err).__name__}: {str(err)[:200]})") from None
-    cfg = cfg.model_copy(update={"model": convert_foundation(cfg.model, old_path, foundation)})
+    cfg = derive(cfg, {"model.source": convert_foundation(cfg.model, old_path, foundation).source})
     model = build_model(cfg.model)  # needs the foundation weights (architecture, SHA-256)
     try:
         model.load_state_dict(old["model_state"])

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, trusted_model_config
-from matxfer.config import RunConfig
+from matxfer.config import RunConfig, derive
 from matxfer.errors import UserError
 from matxfer.graphs import GraphSet, GraphSpec, collate, graph_set_from_parts, structure_arrays
 from matxfer.model import PropertyModel, TargetScaler
@@ -47,7 +47,7 @@ def load_predictor(path: Path, foundation: str | None = None) -> Predictor:
     model, scaler, cfg, payload = load_checkpoint(path)
     if model.physics != "off":
         trusted = trusted_model_config(payload, cfg.model, foundation)
-        cfg = cfg.model_copy(update={"model": trusted})
+        cfg = derive(cfg, {"model.source": trusted.source})
     return Predictor(model, scaler, cfg, payload["task"])
 
 

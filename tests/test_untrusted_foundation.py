@@ -244,3 +244,17 @@ def test_drift_never_decodes_objects_in_a_data_file_the_checkpoint_names(tmp_pat
     assert main(args) == 2
     err = one_line_refusal(capsys)
     assert "--data" in err and not marker.exists() and not (tmp_path / "drift").exists()
+
+
+def test_drift_reads_your_data_from_the_path_you_pass():
+    from matxfer.analysis.drift_analysis import received_data
+    from matxfer.errors import UserError
+
+    own = load_config(overrides={"data.task": "received", "data.split": {"k": 2},
+                                 "data.source": {"path": "/train/host/data.json",
+                                                 "target": "y"}})
+    assert received_data(own, "mine/data.json").data.source.path == "mine/data.json"
+    with pytest.raises(UserError, match="--data PATH"):
+        received_data(own, None)
+    with pytest.raises(UserError, match="--data applies to a checkpoint of your own data"):
+        received_data(run_config(), "mine/data.json")

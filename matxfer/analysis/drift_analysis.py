@@ -16,7 +16,7 @@ from matxfer.analysis.drift import (
 from matxfer.analysis.features import pooled_features
 from matxfer.analysis.figures import drift_bars
 from matxfer.checkpoint import CHECKPOINT_FILE, load_checkpoint, starting_model
-from matxfer.config import RunConfig
+from matxfer.config import RunConfig, derive
 from matxfer.datasets.loading import fold_split
 from matxfer.datasets.matbench import subset_ids
 from matxfer.datasets.sources import source_format
@@ -90,8 +90,7 @@ def received_data(cfg: RunConfig, data: str | None) -> RunConfig:
                             f"trained on Matbench's {cfg.data.task}")
         return cfg
     if data is not None:
-        source = source.model_copy(update={"path": data})
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+        return derive(cfg, {"data.source.path": data})
     if source_format(source) == "dataframe-json":
         raise UserError(f"the checkpoint's data {Path(source.path).name!r} is a DataFrame JSON, "
                         "whose reader instantiates the objects it names; pass your copy of "
