@@ -7,12 +7,13 @@ def build_mace_file(path, lmax: int, interactions: int = 3, elements: list[int] 
     """A ScaleShiftMACE with hidden irreps 16x0e (+16x1o, +16x2e up to `lmax`), the element
     table of MACE-MP-0 small (or `elements`), `interactions` layers; saved as a whole model,
     as mace does."""
+    from matxfer.backbones.quiet_mace import import_mace
+    from matxfer.model import weights_file
+
+    import_mace()  # mace before e3nn: it sets what torch >= 2.6 needs to unpickle its models
     from e3nn import o3
     from mace import modules
     from mace.tools.scripts_utils import extract_config_mace_model
-
-    import matxfer.backbones.mace  # noqa: F401  (imports mace quietly, before e3nn)
-    from matxfer.model import weights_file
 
     small = torch.load(weights_file("small"), map_location="cpu", weights_only=False)
     cfg = extract_config_mace_model(small)

@@ -86,8 +86,10 @@ def test_train_predict_drift_mi_with_a_local_mace_file(mace_files, lmax, tmp_pat
     Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]]).to(filename=cif)
     assert main(["predict", "--model", str(out), str(cif)]) == 0
     assert np.isfinite(float(capsys.readouterr().out.strip().splitlines()[-1].split(",")[2]))
+    # θ0 of a model file comes only from the file you name (never the checkpoint's path)
     assert main(["analyze", "drift", "--checkpoint", str(out), "--max-structures", "8",
-                 "--out", str(tmp_path / "drift"), "--tracking-uri", "off"]) == 0
+                 "--foundation", source, "--out", str(tmp_path / "drift"),
+                 "--tracking-uri", "off"]) == 0
     drift = json.loads((tmp_path / "drift" / "drift.json").read_text())
     assert list(drift["drift"]) == [*LAYERS, "head"]
     assert main(["analyze", "mi", "--tasks", "matbench_jdft2d", "--model", source,
