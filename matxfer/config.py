@@ -270,14 +270,14 @@ def format_validation_error(err: ValidationError) -> str:
     """One line per problem: 'field.path: message (got value)'."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown config key"
         got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
         if isinstance(e.get("input"), dict):
             got = ""
-        parts.append(f"{loc}: {msg}{got}")
+        parts.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")  # a rule across fields
     return "; ".join(parts)
 
 
