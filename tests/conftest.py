@@ -12,6 +12,13 @@ import torch
 torch._C._jit_set_profiling_executor(False)
 
 
+# The environment the session started with (the user's). In-process code changes os.environ
+# for good: importing mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, scikit-learn
+# KMP_DUPLICATE_LIB_OK, ray.init RAY_AUTH_MODE, mlflow.set_tracking_uri MLFLOW_TRACKING_URI,
+# inductor its cache folder; every `matxfer` subprocess a later test starts would inherit them.
+SESSION_ENV = dict(os.environ)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def graph_cache_dir(tmp_path_factory):
     """Keep graph caches of the test session out of the user's cache folder."""
@@ -23,6 +30,16 @@ def graph_cache_dir(tmp_path_factory):
         os.environ.pop("MATXFER_CACHE", None)
     else:
         os.environ["MATXFER_CACHE"] = old
+
+
+@pytest.fixture(scope="module", autouse=True)
+def session_environment(graph_cache_dir):
+    """Each test file starts from the session's environment plus its graph cache, so nothing
+    an earlier file's code set reaches this file's processes (pytest's own PYTEST_* kept)."""
+    own = {k: v for k, v in os.environ.items() if k.startswith("PYTEST_")}
+    os.environ.clear()
+    os.environ.update(SESSION_ENV, MATXFER_CACHE=str(graph_cache_dir), **own)
+    yield
 
 
 @pytest.fixture(scope="session")
