@@ -155,7 +155,8 @@ def add_analysis_parsers(sub) -> None:
     source = report.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", nargs="+", help="MLflow experiment(s)")
     source.add_argument("--results", help="a study output_dir instead of MLflow: reads "
-                        "<task>/<variant>/fold<k>/result.json")
+                        "<task>/<variant>/<fingerprint>/fold<k>/result.json (and older "
+                        "<task>/<variant>/fold<k>/)")
     report.add_argument("--tasks", nargs="+", help="rows of the table (default: tasks found)")
     report.add_argument("--fingerprint", nargs="+", help="the study shown for a task and "
                         "variant that holds several (a fingerprint or its first digits; "
