@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from matxfer.backbones.names import chgnet_version, family_of, unsupported
+from matxfer.choices import Pooling
 from matxfer.errors import UserError
 from matxfer.physics.config import PhysicsConfig
-from matxfer.search_space import Pooling, SearchSpace, trial_updates
+from matxfer.search_space import SearchSpace, trial_updates
 from matxfer.tasks import N_MATBENCH_FOLDS, TASKS, TaskSpec
 from matxfer.variants import VARIANTS
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from matxfer.physics.config import PhysicsMode
-
-Pooling = Literal["mean", "sum", "max", "mean+max"]
+from matxfer.choices import PhysicsMode, Pooling
 
 
 class _Frozen(BaseModel):

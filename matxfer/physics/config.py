@@ -9,6 +9,8 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from matxfer.choices import PhysicsMode
+
 
 class Descriptor(NamedTuple):
     unit: str
@@ -38,7 +40,6 @@ DESCRIPTORS: dict[str, Descriptor] = {
                                   "approximates the MPtrj DFT (PBE/PBE+U) energy"),
 }
 
-PhysicsMode = Literal["off", "zero-shot", "features", "residual"]
 
 
 class PhysicsConfig(BaseModel):
