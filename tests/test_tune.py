@@ -446,9 +446,11 @@ def test_fault_driver_interrupted_then_sigkilled_resumes_without_rerunning_finis
     experiment = tmp_path / "ray" / ident.run_name(0)
     fold0 = ident.fold_dir(0)
 
-    def start():
+    def start():  # Tune snapshots its experiment every second (default: 10 s, and 19x a
+        # slow save): the driver must not finish the study before a trial's end is recorded
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
 
     driver = start()
     first = _stop_after(driver, experiment, 1, lambda d: d.send_signal(signal.SIGINT))
