@@ -43,6 +43,17 @@ def session_environment(graph_cache_dir):
 
 
 @pytest.fixture(scope="session")
+def nacl(tmp_path_factory):
+    """A rock-salt NaCl CIF file, the structure the predict tests feed to `matxfer predict`."""
+    from pymatgen.core import Lattice, Structure
+
+    path = tmp_path_factory.mktemp("structures") / "nacl.cif"
+    Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def dataset_files(tmp_path_factory):
     """{format: path}: the small labelled dataset of tests/datasets/own_data.py in every
     format matxfer reads (requested by tests/datasets, whose folder is then importable)."""

@@ -42,16 +42,6 @@ def trained(tmp_path_factory):
     return out, cfg
 
 
-@pytest.fixture(scope="module")
-def nacl(tmp_path_factory) -> Path:
-    from pymatgen.core import Lattice, Structure
-
-    path = tmp_path_factory.mktemp("structures") / "nacl.cif"
-    Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
-        filename=str(path))
-    return path
-
-
 def original_model(folder: Path, cfg):
     """The fine-tuned model as the training process had it: the foundation model file rebuilt
     by build_model, with the checkpoint's weights."""

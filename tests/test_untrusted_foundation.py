@@ -92,16 +92,6 @@ def one_line_refusal(capsys) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def nacl(tmp_path_factory) -> Path:
-    from pymatgen.core import Lattice, Structure
-
-    path = tmp_path_factory.mktemp("structures") / "nacl.cif"
-    Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
-        filename=str(path))
-    return path
-
-
 @pytest.mark.parametrize("how", ATTACKS)
 def test_predict_never_unpickles_the_foundation_file_a_checkpoint_names(how, evil, nacl,
                                                                         tmp_path, capsys):

@@ -58,12 +58,7 @@ def write_formats(folder: Path) -> dict[str, Path]:
         for atoms in images:
             info = dict(atoms.info)  # 'id' is the database's own row number
             db.write(atoms, name=info.pop("id"), **info)
-    (folder / "cifs").mkdir()
-    rows = []
-    for atoms in images:
-        name = f"cifs/{atoms.info['id']}.cif"
-        write(folder / name, atoms, format="cif")
-        rows.append({**atoms.info, "file": name})
+    rows = write_cifs(folder, images)
     pd.DataFrame(rows).to_csv(files["csv"], index=False)
     pd.DataFrame(rows).to_parquet(files["parquet"])
     frame = pd.DataFrame({"structure": [AseAtomsAdaptor.get_structure(a) for a in images],
@@ -71,3 +66,14 @@ def write_formats(folder: Path) -> dict[str, Path]:
                           "id": [a.info["id"] for a in images]})
     store_dataframe_as_json(frame, str(files["dataframe-json"]))
     return files
+
+
+def write_cifs(folder: Path, images: list[Atoms]) -> list[dict]:
+    """Each image as folder/cifs/<id>.cif; the table rows: its info plus 'file'."""
+    (folder / "cifs").mkdir()
+    rows = []
+    for atoms in images:
+        name = f"cifs/{atoms.info['id']}.cif"
+        write(folder / name, atoms, format="cif")
+        rows.append({**atoms.info, "file": name})
+    return rows

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from ase.io import write
-from own_data import crystals, source
+from own_data import crystals, source, write_cifs
 
 from matxfer.config import DataConfig
 from matxfer.datasets.loading import fold_split
@@ -73,12 +73,7 @@ def without_label(folder, fmt: str) -> str:
         path = folder / "salts.extxyz"
         write(path, images, format="extxyz")
         return str(path)
-    (folder / "cifs").mkdir()
-    rows = []
-    for atoms in images:
-        name = f"cifs/{atoms.info['id']}.cif"
-        write(folder / name, atoms, format="cif")
-        rows.append({**atoms.info, "file": name})
+    rows = write_cifs(folder, images)
     pd.DataFrame(rows).to_csv(folder / "salts.csv", index=False)  # an empty cell
     return str(folder / "salts.csv")
 
