@@ -412,12 +412,30 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _physics_searchable(self) -> StudyConfig:
         physics = self.run.model.physics
-        if self.search.physics and family_of(self.run.model.source) != "mace":
+        searched = [n for n in ("physics", "descriptors", "calibration")
+                    if getattr(self.search, n)]
+        if searched and family_of(self.run.model.source) != "mace":
             raise ValueError(unsupported(self.run.model.source, ["model.physics"]))
-        if self.search.physics and (physics is None or not physics.descriptors):
-            raise ValueError("search.physics needs run.model.physics.descriptors; allowed: "
-                             "names from matxfer.physics.config.DESCRIPTORS")
+        if searched and (physics is None or not (physics.descriptors
+                                                 or self.search.descriptors)):
+            raise ValueError(f"search.{searched[0]} needs run.model.physics.descriptors or "
+                             f"search.descriptors; allowed: names from "
+                             f"matxfer.physics.config.DESCRIPTORS")
+        if searched and not self.search.physics and physics.mode == "off":
+            raise ValueError(f"search.{searched[0]} has no effect while "
+                             f"run.model.physics.mode is 'off'; allowed: a mode "
+                             f"(zero-shot, features, residual) or search.physics")
         return self
+
+    def physics_to_compute(self) -> PhysicsConfig | None:
+        """The physics settings whose descriptors the study's trials may read (the template's
+        and every searched choice's), computed once by the driver; None when no trial uses
+        physics."""
+        physics, search = self.run.model.physics, self.search
+        if physics is None or (physics.mode == "off" and not search.physics):
+            return None
+        names = list(dict.fromkeys([*physics.descriptors, *search.all_descriptors()]))
+        return derive(physics, {"descriptors": names})
 
     @model_validator(mode="after")
     def _every_trial_valid(self) -> StudyConfig:

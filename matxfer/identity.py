@@ -34,7 +34,12 @@ NEUTRAL = ("folds", "max_concurrent_trials", "storage_path", "output_dir", "stud
            "run.train.prefetch_batches", "run.model.physics.batch_atoms")
 
 # Sections added after studies were fingerprinted: unset, they leave the fingerprint as it was.
-UNSET_IS_ABSENT = ("run.data.source", "run.data.split", "run.model.physics", "search.physics")
+UNSET_IS_ABSENT = ("run.data.source", "run.data.split", "run.model.physics", "search.physics",
+                   "search.descriptors", "search.calibration")
+# Settings added after studies were fingerprinted: at these defaults they leave it as it was.
+DEFAULT_IS_ABSENT = {"run.model.physics.dos_supercell": 2, "run.model.physics.dos_mesh": 12,
+                     "run.model.physics.dos_sigma": 0.1, "run.model.physics.dispersion": True,
+                     "run.model.physics.calibration": "linear"}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -61,7 +66,8 @@ def study_settings(study: StudyConfig, data_sha256: str, weights_sha256: str) ->
         flat = {k: v for k, v in flat.items() if not k.startswith("run.model.physics.")}
         flat["run.model.physics"] = None
     settings = {k: v for k, v in flat.items() if not _neutral(k)
-                and not (k in UNSET_IS_ABSENT and v is None)}
+                and not (k in UNSET_IS_ABSENT and v is None)
+                and not (k in DEFAULT_IS_ABSENT and v == DEFAULT_IS_ABSENT[k])}
     settings["data.sha256"] = data_sha256
     settings["model.weights_sha256"] = weights_sha256
     return dict(sorted(settings.items()))

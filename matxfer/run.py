@@ -81,7 +81,7 @@ def attach_physics(cfg: RunConfig, model: PropertyModel | None, graphs: GraphSet
         return
     rows = graphs.positions_of(train_ids)
     model.set_physics(calibrate(graphs.descriptors[rows], graphs.targets[rows],
-                                scaler.classification), scaler)
+                                scaler.classification, physics.calibration), scaler)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

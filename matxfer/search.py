@@ -21,7 +21,7 @@ class DefineSpace:
         for name in self.search.searched():
             space = getattr(self.search, name)
             if isinstance(space, list):
-                trial.suggest_categorical(name, space)
+                trial.suggest_categorical(name, self.search.choices(name))
                 continue
             if f"{name}_on" in switches:
                 if not trial.suggest_categorical(f"{name}_on", [True, False]):
@@ -42,7 +42,7 @@ def search_for(study: StudyConfig, fold: int, mode: str) -> tuple[object, dict |
     if not study.search.searched():
         return None, None, study.num_samples
     if study.search.grid_size() is not None:
-        grid = {name: tune.grid_search(list(dict.fromkeys(getattr(study.search, name))))
+        grid = {name: tune.grid_search(study.search.choices(name))
                 for name in study.search.searched()}
         return None, grid, 1
     import optuna

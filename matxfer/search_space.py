@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -52,6 +52,12 @@ class SearchSpace(_Frozen):
     physics: list[PhysicsMode] | None = Field(
         None, description="choices of run.model.physics.mode (off, zero-shot, features, "
         "residual), picked per fold by validation; needs run.model.physics.descriptors")
+    descriptors: list[list[str]] | None = Field(
+        None, description="choices of run.model.physics.descriptors (each a list of names), "
+        "picked per fold by validation; the descriptors of every choice are computed once")
+    calibration: list[Literal["linear", "huber"]] | None = Field(
+        None, description="choices of run.model.physics.calibration (linear, huber), picked "
+        "per fold by validation")
     first_trial_off: bool = Field(
         False, description="the first trial runs with every allow_off range off (plain "
         "fine-tuning for l2sp/bss), so each search scores the no-reg baseline too; it does "
@@ -68,7 +74,25 @@ class SearchSpace(_Frozen):
                 raise ValueError(f"{name} must list one or more counts >= 0 (got {choices})")
         if self.pooling is not None and not self.pooling:
             raise ValueError("pooling must list one or more of mean, sum, max, mean+max")
+        if self.descriptors is not None and (not self.descriptors
+                                             or not all(self.descriptors)):
+            raise ValueError(f"descriptors must list one or more non-empty lists of names "
+                             f"(got {self.descriptors})")
+        if self.calibration is not None and not self.calibration:
+            raise ValueError("calibration must list one or more of linear, huber")
         return self
+
+    def choices(self, name: str) -> list[Any]:
+        """The distinct choices of a searched list as Optuna / Tune values (plain scalars: a
+        descriptor set is one string, its names joined by '+')."""
+        values = getattr(self, name)
+        if name == "descriptors":
+            values = ["+".join(v) for v in values]
+        return list(dict.fromkeys(values))
+
+    def all_descriptors(self) -> list[str]:
+        """Every descriptor some choice of `descriptors` names, in first-seen order."""
+        return list(dict.fromkeys(d for choice in self.descriptors or [] for d in choice))
 
     def first_point(self) -> dict[str, bool] | None:
         """The Optuna parameters of the enqueued first trial, or None when first_trial_off is
@@ -93,7 +117,7 @@ class SearchSpace(_Frozen):
         entries = [getattr(self, n) for n in self.searched()]
         if not entries or not all(isinstance(e, list) for e in entries):
             return None
-        return math.prod(len(set(e)) for e in entries)
+        return math.prod(len(self.choices(n)) for n in self.searched())
 
     def trial_cap(self) -> int | None:
         """The most distinct trials the space holds: 1 when nothing is searched, the grid's
@@ -107,7 +131,7 @@ class SearchSpace(_Frozen):
         for name in self.searched():
             space = getattr(self, name)
             if isinstance(space, list):
-                axes.append([{name: v} for v in dict.fromkeys(space)])
+                axes.append([{name: v} for v in self.choices(name)])
             else:
                 axes.append([{name: v, f"{name}_on": True} for v in (space.low, space.high)])
         for combo in itertools.product(*axes):
@@ -133,4 +157,8 @@ def trial_updates(search: SearchSpace, params: dict[str, Any]) -> dict[str, Any]
         updates["model.pooling"] = params["pooling"]
     if search.physics is not None:
         updates["model.physics.mode"] = params["physics"]
+    if search.descriptors is not None:
+        updates["model.physics.descriptors"] = params["descriptors"].split("+")
+    if search.calibration is not None:
+        updates["model.physics.calibration"] = params["calibration"]
     return updates

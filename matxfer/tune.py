@@ -196,8 +196,8 @@ def build_graph_cache(study: StudyConfig, plan: Plan) -> VerifiedCache:
 
     splits(task_graphs(*args, check=splits))  # a cached set is checked too
     path = cache_file(*args)
-    physics = study.run.model.physics
-    if physics is not None and (physics.mode != "off" or study.search.physics):  # once, first
+    physics = study.physics_to_compute()
+    if physics is not None:  # once, first: every trial reads the cache
         descriptor_table(d, study.run.model, physics, path)
     return str(path.resolve()), recorded_sha256(path)
 

@@ -38,7 +38,19 @@ DESCRIPTORS: dict[str, Descriptor] = {
                               "matches Matbench's log_gvrh target"),
     "energy_per_atom": Descriptor("eV/atom", "energy", "the potential's total energy per atom; "
                                   "approximates the MPtrj DFT (PBE/PBE+U) energy"),
+    "phdos_last_peak": Descriptor("cm^-1", "phdos", "highest-frequency peak (a local maximum "
+                                  "above 5% of the largest) of the phonon DOS from n x n x n "
+                                  "supercell force constants on a q-mesh; is Matbench phonons' "
+                                  "target"),
+    "phonon_band_max": Descriptor("cm^-1", "phdos", "highest phonon frequency on the DOS "
+                                  "q-mesh (whole Brillouin zone, not only Γ)"),
+    "exfoliation_energy": Descriptor("meV/atom", "exfoliation", "E(layer) - E(restacked bulk) "
+                                     "per atom: the layer found by dimensionality analysis, "
+                                     "restacked, the interlayer gap minimised over a few "
+                                     "stacking offsets, D3(BJ) dispersion added; approximates "
+                                     "jdft2d's exfoliation energy"),
 }
+GROUPS = ("energy", "phonons", "phdos", "eos", "elastic", "exfoliation")  # computation order
 
 
 
@@ -72,6 +84,18 @@ class PhysicsConfig(BaseModel):
                            "phonon descriptors (the Hessian costs 6n forces of n atoms)")
     batch_atoms: int = Field(512, ge=64, description="atoms per forward pass of the potential "
                              "(512 was the fastest on a 2-core CPU)")
+    dos_supercell: int = Field(2, ge=1, le=4, description="phonon DOS: force constants of the "
+                               "n x n x n supercell (its atoms go through the potential)")
+    dos_mesh: int = Field(12, ge=2, le=64, description="phonon DOS: q-points per reciprocal "
+                          "axis of the mesh")
+    dos_sigma: float = Field(0.1, gt=0.0, le=2.0, description="phonon DOS: Gaussian smearing, "
+                             "THz (0.1 THz = 3.34 cm^-1)")
+    dispersion: bool = Field(True, description="exfoliation energy: add D3(BJ) dispersion "
+                             "(torch-dftd, PBE parameters, as mace_mp(dispersion=True)); "
+                             "layers are held by van der Waals forces the potential lacks")
+    calibration: Literal["linear", "huber"] = Field(
+        "linear", description="how the descriptors are calibrated to the target on the "
+        "training fold: least squares, or Huber's robust loss (for heavy-tailed targets)")
     precision: Literal["float32", "float64"] = Field(
         "float32", description="dtype of the potential's forward pass; float32 is ~2.7x "
         "faster on CPU and changed Γ frequencies by < 0.01 cm^-1 on matbench_phonons")
@@ -92,4 +116,4 @@ class PhysicsConfig(BaseModel):
     def groups(self) -> list[str]:
         """The computations the chosen descriptors need, in catalogue order."""
         wanted = {DESCRIPTORS[d].group for d in self.descriptors}
-        return [g for g in ("energy", "phonons", "eos", "elastic") if g in wanted]
+        return [g for g in GROUPS if g in wanted]

@@ -81,16 +81,18 @@ class Potential:
             positions=frame.positions, cutoff=self.r_max + skin, pbc=frame.pbc, cell=cell)
         return Edges(index, unit_shifts)
 
-    def evaluate(self, items: Sequence[tuple[Frame, Edges]], stress: bool = False
+    def evaluate(self, items: Sequence[tuple[Frame, Edges]], stress: bool = False, *,
+                 forces: bool = True
                  ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
-        """(energies [B], forces: B arrays [n_b,3], stresses [B,3,3] or None) of the frames."""
-        energies, forces, stresses = [], [], []
+        """(energies [B], forces: B arrays [n_b,3] (none when `forces` is False: energies
+        alone skip the backward pass), stresses [B,3,3] or None) of the frames."""
+        energies, all_forces, stresses = [], [], []
         for chunk in self._chunks(items):
-            e, f, s = self._forward(chunk, stress)
+            e, f, s = self._forward(chunk, stress, forces)
             energies.append(e)
-            forces.extend(f)
+            all_forces.extend(f)
             stresses.append(s)
-        return (np.concatenate(energies) if energies else np.zeros(0), forces,
+        return (np.concatenate(energies) if energies else np.zeros(0), all_forces,
                 np.concatenate(stresses) if stress and stresses else None)
 
     def _chunks(self, items: Sequence[tuple[Frame, Edges]]):
@@ -105,13 +107,15 @@ class Potential:
         if chunk:
             yield chunk
 
-    def _forward(self, chunk, stress: bool):
+    def _forward(self, chunk, stress: bool, forces: bool = True):
         batch = self._collate(chunk)
-        with torch.enable_grad():
-            out = self.model(batch, training=False, compute_force=True, compute_stress=stress)
+        grad = forces or stress
+        with torch.set_grad_enabled(grad):
+            out = self.model(batch, training=False, compute_force=forces,
+                             compute_stress=stress)
         ptr = batch["ptr"].tolist()
-        f = out["forces"].detach().double().numpy()
-        forces = [f[ptr[i]:ptr[i + 1]] for i in range(len(chunk))]
+        f = out["forces"].detach().double().numpy() if forces else None
+        forces = [f[ptr[i]:ptr[i + 1]] for i in range(len(chunk))] if forces else []
         s = out["stress"].detach().double().numpy() if stress else None
         return out["energy"].detach().double().numpy(), forces, s
 
