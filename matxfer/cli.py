@@ -35,6 +35,7 @@ TRAIN_FLAGS = {
     "freeze_blocks": ("strategy.freeze_blocks", int),
     "compile": ("train.compile", str), "kernels": ("model.kernels", str),
     "physics": ("model.physics.mode", str), "descriptors": ("model.physics.descriptors", _names),
+    "calibration": ("model.physics.calibration", str),
 }
 
 # `data check FILE`: the data section, from flags (names as in the YAML)

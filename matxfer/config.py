@@ -374,13 +374,20 @@ class StudyConfig(_Strict):
     @classmethod
     def _resolved(cls, data: Any, handler) -> StudyConfig:
         """Defaults that depend on other settings come out of validation too: every fold
-        when `folds` is absent, `num_samples` capped at the trials the space holds (each
-        grid combination once); the requested count is kept for the plan."""
+        when `folds` is absent, searched physics choices dropped when no trial uses physics,
+        `num_samples` capped at the trials the space holds (each grid combination once); the
+        requested count is kept for the plan."""
         study = handler(data)
         fills: dict[str, Any] = {}
         if study.folds is None:
             fills["folds"] = list(range(study.run.data.n_folds))
-        cap = study.search.trial_cap()
+        search = study.search
+        if not study._physics_used() and (search.descriptors or search.calibration):
+            # a task config's physics choices under a variant without physics: no trial
+            # would differ, so they are not searched (nor fingerprinted)
+            search = search.model_copy(update={"descriptors": None, "calibration": None})
+            fills["search"] = search.model_dump()
+        cap = search.trial_cap()
         if cap is not None and study.num_samples > cap:
             fills["num_samples"] = cap
         if not fills:
@@ -412,27 +419,27 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _physics_searchable(self) -> StudyConfig:
         physics = self.run.model.physics
-        searched = [n for n in ("physics", "descriptors", "calibration")
-                    if getattr(self.search, n)]
-        if searched and family_of(self.run.model.source) != "mace":
+        if not self._physics_used():  # unused choices are dropped by _resolved
+            return self
+        if family_of(self.run.model.source) != "mace":
             raise ValueError(unsupported(self.run.model.source, ["model.physics"]))
-        if searched and (physics is None or not (physics.descriptors
-                                                 or self.search.descriptors)):
-            raise ValueError(f"search.{searched[0]} needs run.model.physics.descriptors or "
-                             f"search.descriptors; allowed: names from "
-                             f"matxfer.physics.config.DESCRIPTORS")
-        if searched and not self.search.physics and physics.mode == "off":
-            raise ValueError(f"search.{searched[0]} has no effect while "
-                             f"run.model.physics.mode is 'off'; allowed: a mode "
-                             f"(zero-shot, features, residual) or search.physics")
+        if not (physics.descriptors or self.search.descriptors):
+            raise ValueError("search.physics needs run.model.physics.descriptors or "
+                             "search.descriptors; allowed: names from "
+                             "matxfer.physics.config.DESCRIPTORS")
         return self
+
+    def _physics_used(self) -> bool:
+        """Whether some trial uses the physics descriptors (a mode, or a searched one)."""
+        physics = self.run.model.physics
+        return physics is not None and (physics.mode != "off" or bool(self.search.physics))
 
     def physics_to_compute(self) -> PhysicsConfig | None:
         """The physics settings whose descriptors the study's trials may read (the template's
         and every searched choice's), computed once by the driver; None when no trial uses
         physics."""
         physics, search = self.run.model.physics, self.search
-        if physics is None or (physics.mode == "off" and not search.physics):
+        if not self._physics_used():
             return None
         names = list(dict.fromkeys([*physics.descriptors, *search.all_descriptors()]))
         return derive(physics, {"descriptors": names})

@@ -25,6 +25,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "zero-shot": {"name": "zero-shot", **_PLAIN, "run.model.physics.mode": "zero-shot"},
     "phys-features": {"name": "phys-features", **_PLAIN, "run.model.physics.mode": "features"},
     "phys-residual": {"name": "phys-residual", **_PLAIN, "run.model.physics.mode": "residual"},
+    # the mode too (zero-shot or residual) with the config's descriptor sets and calibrations,
+    # all picked per fold by validation
+    "phys-select": {"name": "phys-select", **_PLAIN, "run.model.physics.mode": "zero-shot",
+                    "search.physics": ["zero-shot", "residual"]},
     # the second backbone family (matxfer.backbones.chgnet), pretrained and its random twin;
     # options only MACE has are set to what CHGNet runs with
     "chgnet": {"name": "chgnet", **_CHGNET},

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from matxfer.config import load_study_config
+from matxfer.config import derive, load_study_config
 from matxfer.errors import UserError
 from matxfer.identity import study_settings
 from matxfer.search import DefineSpace
 
 PHONONS = Path(__file__).parents[1] / "tune_configs/cpu/matbench_phonons.yaml"
-SETS = [["phdos_last_peak"], ["phdos_last_peak", "phonon_band_max", "phonon_max"]]
+SETS = [["phdos_last_peak"], ["phdos_last_peak", "phonon_band_max", "phonon_max"]]  # overrides
 
 
 def zero_shot(**overrides):
@@ -50,8 +50,8 @@ def test_optuna_sees_descriptor_sets_as_plain_strings():
 
 def test_the_driver_computes_the_union_of_every_searched_set_once():
     physics = zero_shot().physics_to_compute()
-    assert physics.descriptors == ["phonon_max", "phonon_mean", "phdos_last_peak",
-                                   "phonon_band_max"]
+    # the template's (the shipped config's), then each searched set's new names
+    assert physics.descriptors == ["phdos_last_peak", "phonon_band_max", "phonon_max"]
     plain = load_study_config(PHONONS, {}, "no-reg")
     assert plain.physics_to_compute() is None  # no trial uses physics
 
@@ -68,17 +68,25 @@ def test_bad_searched_physics_is_refused_in_one_line(overrides, message):
     assert "\n" not in str(err.value)
 
 
-def test_searching_calibration_without_physics_in_use_is_refused():
-    with pytest.raises(UserError, match="search.calibration has no effect while "
-                                        "run.model.physics.mode is 'off'"):
-        load_study_config(PHONONS, {"search.calibration": ["linear", "huber"]}, "no-reg")
+def test_physics_choices_under_a_variant_without_physics_are_dropped_by_validation():
+    """A task config lists its physics choices once; no-reg or CHGNet studies of the same
+    config run no physics, so the choices are not searched and not fingerprinted."""
+    choices = {"search.descriptors": SETS, "search.calibration": ["linear", "huber"]}
+    for variant in ("no-reg", "chgnet"):
+        study = load_study_config(PHONONS, choices, variant)
+        assert study.search.descriptors is None and study.search.calibration is None
+        assert study.search.grid_size() == 1 or study.search.grid_size() is None
+        plain = load_study_config(PHONONS, {}, variant)
+        assert study_settings(study, "d" * 64, "w" * 64) == study_settings(plain, "d" * 64,
+                                                                           "w" * 64)
 
 
 def test_new_physics_settings_at_their_defaults_keep_earlier_fingerprints():
     """Studies fingerprinted before the DOS, exfoliation and Huber settings existed keep their
     folders; a non-default value or a searched choice is a different study."""
     def settings(**overrides):
-        study = load_study_config(PHONONS, overrides, "zero-shot")
+        unsearched = {"search.descriptors": None, "search.calibration": None}
+        study = derive(load_study_config(PHONONS, {}, "zero-shot"), {**unsearched, **overrides})
         return study_settings(study, "d" * 64, "w" * 64)
 
     plain = settings()

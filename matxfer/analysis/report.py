@@ -26,6 +26,7 @@ VARIANT_COLUMNS = {"random-init": "MACE-RI", "no-reg": "MP0 (no reg)",
 STRATEGY_COLUMNS = {"lp-ft": "MP0 LP-FT", "llrd": "MP0 LR decay", "freeze": "MP0 freeze",
                     "zero-shot": "MP0 physics zero-shot", "phys-features": "MP0 + physics "
                     "features", "phys-residual": "MP0 physics residual",
+                    "phys-select": "MP0 physics (mode per fold)",
                     "chgnet": "CHGNet (L2-SP+BSS)", "chgnet-random": "CHGNet-RI"}
 CURVE_KEYS = ("train_loss", "task_loss", "l2sp_term", "bss_term")
 METRICS = ("mae", "rocauc")  # regression, classification

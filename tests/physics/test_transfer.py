@@ -205,20 +205,23 @@ def test_physics_variants_run_as_studies_and_show_in_the_report(tmp_path):
 
 
 def test_physics_mode_is_searchable_and_needs_descriptors(tmp_path):
-    from matxfer.config import load_study_config
+    from matxfer.config import derive, load_study_config
     from matxfer.errors import UserError
     from matxfer.search import trial_run_config
 
     root = Path(__file__).parents[2]
     phonons = root / "tune_configs/cpu/matbench_phonons.yaml"
-    study = load_study_config(phonons, {"search.physics": ["off", "residual"]}, "no-reg")
-    assert study.search.grid_size() == 2 and study.num_samples == 2
-    cfg = trial_run_config(study, 0, {"physics": "residual"})
+    study = derive(load_study_config(phonons, {"search.physics": ["off", "residual"]},
+                                     "no-reg"), {"search.descriptors": None})
+    assert study.search.grid_size() == 4 and study.num_samples == 4  # x linear, huber
+    cfg = trial_run_config(study, 0, {"physics": "residual", "calibration": "huber"})
     assert cfg.model.physics.mode == "residual"
-    assert cfg.model.physics.descriptors == ["phonon_max", "phonon_mean"]
+    assert cfg.model.physics.descriptors == ["phdos_last_peak", "phonon_band_max"]
+    study = load_study_config(phonons, {"search.physics": ["features"],
+                                        "run.model.physics.descriptors": []}, "no-reg")
+    assert study.physics_to_compute().descriptors == ["phdos_last_peak", "phonon_band_max"]
     with pytest.raises(UserError, match="search.physics needs run.model.physics.descriptors"):
-        load_study_config(phonons, {"search.physics": ["features"],
-                                    "run.model.physics.descriptors": []}, "no-reg")
+        derive(study, {"search.descriptors": None})  # then nothing names a descriptor
 
 
 def test_fingerprint_ignores_unused_descriptors_but_not_a_physics_mode():
