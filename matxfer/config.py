@@ -375,8 +375,8 @@ class StudyConfig(_Strict):
     def _resolved(cls, data: Any, handler) -> StudyConfig:
         """Defaults that depend on other settings come out of validation too: every fold
         when `folds` is absent, searched physics choices dropped when no trial uses physics,
-        `num_samples` capped at the trials the space holds (each grid combination once); the
-        requested count is kept for the plan."""
+        `num_samples` set to the trials a space of choices holds (each grid combination
+        once); the requested count is kept for the plan."""
         study = handler(data)
         fills: dict[str, Any] = {}
         if study.folds is None:
@@ -387,8 +387,8 @@ class StudyConfig(_Strict):
             # would differ, so they are not searched (nor fingerprinted)
             search = search.model_copy(update={"descriptors": None, "calibration": None})
             fills["search"] = search.model_dump()
-        cap = search.trial_cap()
-        if cap is not None and study.num_samples > cap:
+        cap = search.trial_cap()  # a grid runs each combination once: no more, no fewer
+        if cap is not None and study.num_samples != cap:
             fills["num_samples"] = cap
         if not fills:
             return study

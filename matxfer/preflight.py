@@ -7,6 +7,7 @@ them in one line; `run_study` calls the same function and refuses on the same pr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import urllib.parse
@@ -24,6 +25,7 @@ from matxfer.datasets.sources import source_format, source_sha256
 from matxfer.errors import UserError
 from matxfer.identity import StudyIdentity, fold_status, folder_conflict, identify
 from matxfer.model_facts import ModelFacts, model_facts
+from matxfer.physics.config import PhysicsConfig
 from matxfer.run import check_free_space, check_writable
 from matxfer.scheduling import (
     describe_nodes,
@@ -98,9 +100,20 @@ def data_problems(data: DataConfig) -> list[str]:
             f"({reason}): set MATMINER_DATA or run.data.data_dir"] if reason else []
 
 
-def compute_problems(cfg: RunConfig) -> list[str]:
-    """Packages and devices the run's compute path needs."""
-    problems = []
+def physics_problems(physics: PhysicsConfig | None) -> list[str]:
+    """Packages the descriptors to compute need (None: no physics in use)."""
+    if (physics is not None and "exfoliation_energy" in physics.descriptors
+            and physics.dispersion and importlib.util.find_spec("torch_dftd") is None):
+        return ["model.physics.dispersion (D3 for exfoliation_energy) needs torch-dftd (pip "
+                "install torch-dftd); allowed without it: dispersion false"]
+    return []
+
+
+def compute_problems(cfg: RunConfig, physics: PhysicsConfig | None = None) -> list[str]:
+    """Packages and devices the run's compute path needs (`physics`: the descriptors it
+    computes, when not only the run's own)."""
+    used = cfg.model.physics if cfg.model.physics and cfg.model.physics.mode != "off" else None
+    problems = physics_problems(physics or used)
     if cfg.model.kernels == "cueq" and not cueq_available():
         problems.append("model.kernels 'cueq' needs cuequivariance-torch (pip install "
                         "'matxfer[cueq]'); allowed without it: 'e3nn'")
@@ -247,19 +260,22 @@ def describe_search(plan: Plan) -> None:
     asha = (f"ASHA (grace {grace} epochs, reduction "
             f"{study.asha.reduction_factor:g})" if study.asha.enabled and study.num_samples > 1
             else "no early stopping of trials")
-    capped = (f" (num_samples {study.num_samples_requested} capped: the space holds "
-              f"{study.num_samples} distinct trial(s))"
-              if study.num_samples_requested != study.num_samples else "")
+    requested = study.num_samples_requested
+    capped = (f" (num_samples {requested} {'capped' if requested > study.num_samples else 'raised'}"
+              f": the space holds {study.num_samples} distinct trial(s), each run once)"
+              if requested != study.num_samples else "")
     plan.add("trials", f"{study.num_samples} per fold{capped}, {asha}")
     t = study.run.train
     plan.add("budget", f"{t.epochs} epochs, batch {t.batch_size}, patience {t.patience}, "
              f"max_structures {study.run.data.max_structures}")
-    physics = study.run.model.physics
-    if physics is not None and (physics.mode != "off" or study.search.physics):
+    physics = study.physics_to_compute()
+    if physics is not None:
         mode = "searched" if study.search.physics else physics.mode
+        chosen = [n for n in ("descriptors", "calibration") if getattr(study.search, n)]
+        per_fold = f"; {' and '.join(chosen)} picked per fold" if chosen else ""
         plan.add("physics", f"{mode}: {', '.join(physics.descriptors)} of the "
                  f"pretrained potential (computed once per dataset before the first trial, "
-                 f"then cached)")
+                 f"then cached){per_fold}")
 
 
 def check_outputs(plan: Plan) -> None:
@@ -322,7 +338,7 @@ def preflight(study: StudyConfig, nodes: list[dict] | None = None) -> Plan:
     plan.ident = identify(study, data_sha, weights_sha)
     plan.lines[0] += f"  fingerprint {plan.ident.fingerprint}"
     describe_search(plan)
-    plan.problems += compute_problems(study.run)
+    plan.problems += compute_problems(study.run, study.physics_to_compute())
     check_devices(plan, attached=nodes is not None)
     if nodes is not None:
         check_cluster(plan, nodes)

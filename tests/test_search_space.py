@@ -95,3 +95,16 @@ def test_new_physics_settings_at_their_defaults_keep_earlier_fingerprints():
     assert settings(**{"run.model.physics.calibration": "huber"}) != plain
     assert settings(**{"run.model.physics.dos_mesh": 16}) != plain
     assert settings(**{"search.descriptors": SETS}) != plain
+
+
+def test_a_grid_larger_than_num_samples_runs_every_combination_and_says_so(capsys):
+    """Tune runs a grid's combinations once each, whatever num_samples says: validation sets
+    num_samples to the grid (8 here, the config asks 4) and the plan says it was raised."""
+    from matxfer.cli import main
+
+    study = load_study_config(PHONONS, {}, "phys-select")
+    assert study.search.grid_size() == 8 and study.num_samples == 8
+    assert study.num_samples_requested == 4
+    main(["tune", str(PHONONS), "--variant", "phys-select", "--check"])
+    out = capsys.readouterr().out
+    assert "8 per fold (num_samples 4 raised: the space holds 8 distinct trial(s)" in out
