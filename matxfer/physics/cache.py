@@ -147,15 +147,19 @@ def _compute_groups(data: DataConfig, model: ModelConfig, physics: PhysicsConfig
         width = len(group_names(group))
         part = values[:, at:at + width]
         at += width
-        path = descriptor_file(graph_file, model, physics, group)
-        try:
-            save_checked({"ids": ids, "values": torch.from_numpy(np.ascontiguousarray(part)),
-                          "names": group_names(group), "group": group, "format": FORMAT}, path)
-        except OSError as err:
-            raise UserError(f"cannot write the descriptor cache in {str(path.parent)!r}: "
-                            f"{err.strerror}") from None
+        save_group(descriptor_file(graph_file, model, physics, group), ids, group, part)
         out[group] = (ids, group_names(group), part)
     return out
+
+
+def save_group(path: Path, ids: list[str], group: str, values: np.ndarray) -> None:
+    """One group's cache file: ids [N], values [N, every descriptor of the group]."""
+    try:
+        save_checked({"ids": ids, "values": torch.from_numpy(np.ascontiguousarray(values)),
+                      "names": group_names(group), "group": group, "format": FORMAT}, path)
+    except OSError as err:
+        raise UserError(f"cannot write the descriptor cache in {str(path.parent)!r}: "
+                        f"{err.strerror}") from None
 
 
 def aligned(table: dict[str, np.ndarray], ids: list[str], width: int) -> np.ndarray:
