@@ -5,7 +5,9 @@
   molecule), mass-weighted, eigenvalues -> cm⁻¹ (imaginary modes as negative numbers);
 - bulk modulus: Birch-Murnaghan fit (ASE's EquationOfState) to the energy at 7 volumes;
 - elastic tensor: central differences of the stress under ±strain for the 6 Voigt strains
-  (clamped ions), Voigt-Reuss-Hill K and G.
+  (clamped ions), Voigt-Reuss-Hill K and G;
+- phonon DOS: supercell force constants, DOS on a q-mesh, its last peak (matxfer.physics.phdos);
+- exfoliation energy: the layer restacked into a bulk (matxfer.physics.exfoliation).
 A structure where a computation fails gets NaN for its descriptors, never an exception.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,8 +23,10 @@ from ase.data import atomic_masses
 from ase.units import GPa, _amu, _c, _e
 
 from matxfer.physics.config import PhysicsConfig
+from matxfer.physics.exfoliation import exfoliation_values
+from matxfer.physics.phdos import dos_values, supercell_phonopy
 from matxfer.physics.potential import Edges, Frame, Potential
-from matxfer.physics.symmetry import Displacements, central_rows, displacements
+from matxfer.physics.symmetry import central_rows, displacements
 
 # sqrt(eV / (Å² amu)) in cm⁻¹ (≈ 521.47): angular frequency / (2π c)
 CM1 = math.sqrt(_e / (1e-20 * _amu)) / (2 * math.pi * _c * 100)
@@ -130,7 +135,7 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else math.nan
 
 
-Plan = tuple[list[tuple[Frame, Edges]], Displacements | None]  # copies, how to read them
+Plan = tuple[list[tuple[Frame, Edges]], object]  # copies, how to read them
 
 
 def supercell(frame: Frame, n: int) -> Frame:
@@ -145,6 +150,15 @@ def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig,
                   potential: Potential) -> Plan:
     if group == "energy":
         return [(frame, edges)], None
+    if group == "phdos":
+        if not frame.periodic or len(frame.numbers) > cfg.max_atoms:
+            return [], None
+        try:
+            phonon, big, copies = supercell_phonopy(frame, cfg)
+        except Exception:  # noqa: BLE001 - spglib/phonopy raise many types on odd cells
+            return [], None
+        big_edges = potential.edges(big, 2 * cfg.displacement + 0.05)
+        return [(c, big_edges) for c in copies], phonon
     if group == "phonons":
         if cfg.supercell > 1 and frame.periodic:  # Γ of the supercell: zone-boundary modes too
             frame = supercell(frame, cfg.supercell)
@@ -159,10 +173,12 @@ def _group_frames(frame: Frame, edges: Edges, group: str, cfg: PhysicsConfig,
     return [(frame.deformed(g), edges) for g in grads], None
 
 
-def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, disp: Displacements | None,
+def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, disp,
                   energies, forces, stresses) -> dict[str, float]:
     if group == "energy":
         return {"energy_per_atom": float(energies[0]) / len(frame.numbers)}
+    if group == "phdos":
+        return dos_values(disp, forces, cfg)
     if group == "phonons":
         return spectrum_moments(frequencies(disp.hessian(forces), disp.frame.numbers),
                                 rigid_modes(disp.frame))
@@ -175,17 +191,20 @@ def _group_values(frame: Frame, group: str, cfg: PhysicsConfig, disp: Displaceme
 
 
 def describe(frames: Sequence[Frame], potential: Potential, cfg: PhysicsConfig,
-             on_done: Callable[[int], None] | None = None) -> np.ndarray:
+             on_done: Callable[[int], None] | None = None, reasons: Counter | None = None
+             ) -> np.ndarray:
     """Descriptors [N, len(cfg.descriptors)] (units in DESCRIPTORS) of the frames; NaN where
-    a computation fails or does not apply. The copies of a group of structures go through the
-    potential together; `on_done(k)` reports k more structures finished."""
+    a computation fails or does not apply (`reasons` counts why, where a descriptor says).
+    The copies of a group of structures go through the potential together; `on_done(k)`
+    reports k more structures finished."""
+    reasons = Counter() if reasons is None else reasons
     out = np.full((len(frames), len(cfg.descriptors)), np.nan)
     column = {name: j for j, name in enumerate(cfg.descriptors)}
     start = 0
     while start < len(frames):
         stop = _group_end(frames, start, potential.batch_atoms, cfg)
         for i, values in zip(range(start, stop), _describe_group(frames[start:stop], potential,
-                                                                 cfg)):
+                                                                 cfg, reasons)):
             for name, value in values.items():
                 if name in column:
                     out[i, column[name]] = value
@@ -199,16 +218,22 @@ def _group_end(frames: Sequence[Frame], start: int, batch_atoms: int, cfg: Physi
                ) -> int:
     """End of a group of structures whose copies fill about 4 batches of the potential."""
     atoms, stop = 0, start
+    cells = cfg.dos_supercell ** 3 if "phdos" in cfg.groups() else 1
     while stop < len(frames) and (stop == start or atoms < 4 * batch_atoms):
         n = len(frames[stop].numbers)
-        atoms += n * (1 + 6 * min(n, cfg.max_atoms) + 20)
+        atoms += n * (1 + 6 * min(n, cfg.max_atoms) * cells + 20)
         stop += 1
     return stop
 
 
-def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsConfig
-                    ) -> list[dict[str, float]]:
+def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsConfig,
+                    reasons: Counter) -> list[dict[str, float]]:
     values: list[dict[str, float]] = [{} for _ in frames]
+    if "exfoliation" in cfg.groups():  # its own passes: a scan, then a refinement
+        layers, why = exfoliation_values(frames, potential, cfg)
+        reasons.update(why)
+        for v, layer in zip(values, layers):
+            v.update(layer)
     edges = []
     for frame in frames:
         if not set(frame.numbers.tolist()) <= set(potential.z_index):
@@ -218,7 +243,7 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
             edges.append(potential.edges(frame, skin(cfg, potential.r_max)))
         except Exception:  # a structure the neighbour list cannot take: NaN
             edges.append(None)
-    for group in cfg.groups():
+    for group in [g for g in cfg.groups() if g != "exfoliation"]:
         plans = [_group_frames(f, e, group, cfg, potential) if e is not None else ([], None)
                  for f, e in zip(frames, edges)]
         flat = [item for copies, _ in plans for item in copies]
@@ -233,6 +258,6 @@ def _describe_group(frames: Sequence[Frame], potential: Potential, cfg: PhysicsC
                 values[i].update(_group_values(
                     frames[i], group, cfg, disp, energies[part], forces[part],
                     None if stresses is None else stresses[part]))
-            except (np.linalg.LinAlgError, ValueError, ZeroDivisionError):
+            except (np.linalg.LinAlgError, ValueError, ZeroDivisionError, RuntimeError):
                 pass  # NaN stays
     return values
