@@ -103,7 +103,7 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
             "fingerprint": ident.fingerprint,
             "trial_id": best.metrics.get("trial_id"), **backbone_facts(model, cfg.model),
             "init": cfg.model.init,
-            "pooling": cfg.model.pooling,
+            "pooling": cfg.model.pooling, **physics_choice(cfg),
             "l2sp": cfg.regularizers.l2sp, "bss": cfg.regularizers.bss, "lr": cfg.train.lr,
             **cfg.strategy.model_dump(),
             "best_epoch": int(best.metrics["best_epoch"]),
@@ -120,6 +120,15 @@ def evaluate_best(study: StudyConfig, ident: StudyIdentity, fold: int,
                  "trials.csv": trials_table(results),
                  **data_files(cfg.data, data.split, data.graphs)}
     return {"record": record, "files": files, "predictions": p}
+
+
+def physics_choice(cfg) -> dict:
+    """The selected trial's physics (mode, descriptors, calibration), when it used any."""
+    physics = cfg.model.physics
+    if physics is None or physics.mode == "off":
+        return {}
+    return {"physics": physics.mode, "descriptors": list(physics.descriptors),
+            "calibration": physics.calibration}
 
 
 def trials_table(results: tune.ResultGrid) -> pd.DataFrame:

@@ -204,6 +204,41 @@ def test_physics_variants_run_as_studies_and_show_in_the_report(tmp_path):
     assert "MP0 physics zero-shot" in table and "MP0 physics residual" in table
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_descriptor_set_and_calibration_are_picked_per_fold_on_validation(tmp_path):
+    """search.descriptors x search.calibration under phys-select: a grid of mode x set x
+    calibration per fold; the fold's result is the trial with the best validation score,
+    and result.json records its mode, set and calibration."""
+    import pandas as pd
+
+    data = write_salts(tmp_path)
+    study = {"folds": [0, 1], "num_samples": 1, "asha": {"enabled": False},
+             "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "studies"),
+             "tracking": {"enabled": False},
+             "search": {"descriptors": [["phonon_max"], ["phonon_max", "k_vrh"]],
+                        "calibration": ["linear", "huber"]},
+             "run": {"data": {"task": "salts", "val_fraction": 0.2,
+                              "source": {"path": str(data), "target": "y", "id_key": "id"},
+                              "split": {"method": "kfold", "k": 3}},
+                     "train": {"epochs": 1, "batch_size": 8},
+                     "model": {"head_hidden": [16], "physics": {"descriptors": DESCRIPTORS}}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    done = matxfer("tune", "study.yaml", "--variant", "phys-select", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 per fold (num_samples 1 raised" in done.stdout
+    for fold in (0, 1):
+        (folder,) = (tmp_path / "studies/salts/phys-select").glob(f"*/fold{fold}")
+        trials = pd.read_csv(folder / "trials.csv")
+        assert len(trials) == 8
+        best = trials.loc[trials["best_val"].idxmin()]
+        record = json.loads((folder / "result.json").read_text())
+        assert record["val_mae"] == pytest.approx(best["best_val"])
+        assert record["physics"] == best["config/physics"]
+        assert "+".join(record["descriptors"]) == best["config/descriptors"]
+        assert record["calibration"] == best["config/calibration"]
+
+
 def test_physics_mode_is_searchable_and_needs_descriptors(tmp_path):
     from matxfer.config import derive, load_study_config
     from matxfer.errors import UserError
