@@ -45,9 +45,9 @@ def rows(task: str, n: int):
 
 
 def mace_file() -> str:
-    from matxfer.checkpoint import foundation_record
+    from matxfer.model import weights_file
 
-    return foundation_record(ModelConfig(source="small"))["path"]
+    return str(weights_file("small"))
 
 
 def probe_dos(structures, calc) -> np.ndarray:
