@@ -182,19 +182,25 @@ def test_bad_physics_settings_stop_train_with_one_line(flags, message, tmp_path)
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_physics_variants_run_as_studies_and_show_in_the_report(tmp_path):
-    data = write_salts(tmp_path)
+def write_salts_study(folder: Path, **settings) -> None:
+    """study.yaml of a 1-epoch study of the salts (3 folds) in `folder`, tracking off."""
+    data = write_salts(folder)
     study = {"folds": [0], "num_samples": 1, "asha": {"enabled": False},
-             "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "studies"),
+             "storage_path": str(folder / "ray"), "output_dir": str(folder / "studies"),
              "tracking": {"enabled": False},
              "run": {"data": {"task": "salts", "val_fraction": 0.2,
                               "source": {"path": str(data), "target": "y", "id_key": "id"},
                               "split": {"method": "kfold", "k": 3}},
                      "train": {"epochs": 1, "batch_size": 8},
-                     "model": {"head_hidden": [16], "physics": {"descriptors": DESCRIPTORS}}}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+                     "model": {"head_hidden": [16], "physics": {"descriptors": DESCRIPTORS}}},
+             **settings}
+    (folder / "study.yaml").write_text(yaml.safe_dump(study))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_physics_variants_run_as_studies_and_show_in_the_report(tmp_path):
+    write_salts_study(tmp_path)
     for variant in ("zero-shot", "phys-residual"):
         done = matxfer("tune", "study.yaml", "--variant", variant, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -210,20 +216,9 @@ def test_descriptor_set_and_calibration_are_picked_per_fold_on_validation(tmp_pa
     """search.descriptors x search.calibration under phys-select: a grid of mode x set x
     calibration per fold; the fold's result is the trial with the best validation score,
     and result.json records its mode, set and calibration."""
-    import pandas as pd
-
-    data = write_salts(tmp_path)
-    study = {"folds": [0, 1], "num_samples": 1, "asha": {"enabled": False},
-             "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "studies"),
-             "tracking": {"enabled": False},
-             "search": {"descriptors": [["phonon_max"], ["phonon_max", "k_vrh"]],
-                        "calibration": ["linear", "huber"]},
-             "run": {"data": {"task": "salts", "val_fraction": 0.2,
-                              "source": {"path": str(data), "target": "y", "id_key": "id"},
-                              "split": {"method": "kfold", "k": 3}},
-                     "train": {"epochs": 1, "batch_size": 8},
-                     "model": {"head_hidden": [16], "physics": {"descriptors": DESCRIPTORS}}}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    write_salts_study(tmp_path, folds=[0, 1],
+                      search={"descriptors": [["phonon_max"], ["phonon_max", "k_vrh"]],
+                              "calibration": ["linear", "huber"]})
     done = matxfer("tune", "study.yaml", "--variant", "phys-select", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 per fold (num_samples 1 raised" in done.stdout
